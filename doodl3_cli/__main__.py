@@ -1,0 +1,3 @@
+from doodl3_cli.cli import main
+
+main()

@@ -1,0 +1,202 @@
+"""Attributes and checks shared by every doodl3 HDF5 artifact.
+
+Every artifact carries the root attributes `schema`, `schema_version`,
+`doodl3_version`, `created` (ISO 8601 UTC), `settings` (JSON of the options that
+produced it) and `content_id`. Each downstream artifact stores the `content_id` of
+every artifact it was computed from under the root attribute `upstream` (JSON), so
+`doodl3 run` can tell exactly which stages are stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from doodl3_cli import __version__
+from doodl3_cli.errors import ArtifactError
+
+STR_DTYPE = h5py.string_dtype(encoding="utf-8")
+
+
+def utc_now() -> str:
+    """Return the current time as an ISO 8601 UTC string with seconds."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_content_id() -> str:
+    """Return a fresh random content id (32 hex characters)."""
+    return uuid.uuid4().hex
+
+
+def write_root_attrs(
+    f: h5py.File,
+    *,
+    schema: str,
+    schema_version: int,
+    settings: dict[str, Any],
+    upstream: dict[str, str],
+    content_id: str | None = None,
+) -> str:
+    """Write the provenance attributes that every artifact carries.
+
+    Parameters
+    ----------
+    f : h5py.File
+        The artifact, open for writing.
+    schema : str
+        Schema name such as ``"doodl3/landscape"``.
+    schema_version : int
+        Version of that schema's layout.
+    settings : dict
+        Options that produced the artifact; stored as JSON.
+    upstream : dict of str to str
+        Map from upstream artifact file name to its content id.
+    content_id : str, optional
+        Content id to store; a fresh random one by default.
+
+    Returns
+    -------
+    str
+        The content id written.
+    """
+    content_id = content_id or new_content_id()
+    f.attrs["schema"] = schema
+    f.attrs["schema_version"] = np.int64(schema_version)
+    f.attrs["doodl3_version"] = __version__
+    f.attrs["created"] = utc_now()
+    f.attrs["settings"] = json.dumps(settings, sort_keys=True, default=str)
+    f.attrs["upstream"] = json.dumps(upstream, sort_keys=True)
+    f.attrs["content_id"] = content_id
+    return content_id
+
+
+def attr_str(obj: h5py.HLObject, key: str, default: str | None = None) -> str | None:
+    """Read a text attribute, accepting both str and bytes as other tools write them."""
+    if key not in obj.attrs:
+        return default
+    value = obj.attrs[key]
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    # Some tools store a text attribute as an array of one string, shape (1,).
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    return str(value)
+
+
+def attr_json(obj: h5py.HLObject, key: str, default: Any = None) -> Any:
+    """Read a JSON text attribute; `default` when it is absent."""
+    text = attr_str(obj, key)
+    if text is None:
+        return default
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(
+            f"{obj.file.filename}: attribute '{key}' of '{obj.name}' is not valid JSON ({exc}); "
+            "rewrite the artifact with the doodl3 stage that produces it"
+        ) from exc
+
+
+def check_schema(f: h5py.File, *, schema: str, max_version: int, command: str) -> int:
+    """Raise ArtifactError unless `f` is a `schema` artifact that this version can read.
+
+    Parameters
+    ----------
+    f : h5py.File
+        The artifact, open for reading.
+    schema : str
+        Expected schema name.
+    max_version : int
+        Newest schema version this doodl3 understands.
+    command : str
+        The doodl3 command that writes this artifact, named in the error.
+
+    Returns
+    -------
+    int
+        The file's schema version.
+    """
+    found = attr_str(f, "schema")
+    if found != schema:
+        raise ArtifactError(
+            f"{f.filename}: expected a '{schema}' artifact, found schema {found!r}; "
+            f"rewrite it with `{command}`"
+        )
+    version = int(f.attrs.get("schema_version", -1))
+    if version < 1 or version > max_version:
+        raise ArtifactError(
+            f"{f.filename}: schema version {version} of '{schema}' is not supported by doodl3 "
+            f"{__version__} (reads versions 1 to {max_version}); upgrade doodl3 or rewrite it "
+            f"with `{command}`"
+        )
+    return version
+
+
+@contextlib.contextmanager
+def open_artifact(path: Path, *, schema: str, max_version: int, command: str) -> Iterator[h5py.File]:
+    """Open an existing artifact read-only after checking its schema.
+
+    Raises
+    ------
+    ArtifactError
+        When the file is missing, is not HDF5, or has another schema or version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: artifact not found; run `{command}` first")
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        raise ArtifactError(
+            f"{path}: cannot be opened as HDF5 ({exc}); the file may be truncated, "
+            f"delete it and rerun `{command}`"
+        ) from exc
+    with f:
+        check_schema(f, schema=schema, max_version=max_version, command=command)
+        yield f
+
+
+def read_content_id(path: Path) -> str | None:
+    """Return the content id of an artifact, or None when the file is missing or unreadable."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return attr_str(f, "content_id")
+    except (OSError, FileNotFoundError):
+        return None
+
+
+@contextlib.contextmanager
+def atomic_h5(path: Path) -> Iterator[h5py.File]:
+    """Write a whole-file artifact under a temporary name and rename it into place.
+
+    A stage killed midway leaves the previous version (or nothing), never a
+    half-written file that a later stage would trust.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_str_dataset(group: h5py.Group, name: str, values: list[str]) -> h5py.Dataset:
+    """Write a one-dimensional UTF-8 variable-length string dataset."""
+    return group.create_dataset(name, data=np.array(values, dtype=object), dtype=STR_DTYPE)
+
+
+def read_str_dataset(dataset: h5py.Dataset) -> list[str]:
+    """Read a string dataset as a list of str, whether stored as str or bytes."""
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in dataset[()]]

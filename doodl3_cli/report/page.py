@@ -1,0 +1,507 @@
+"""`doodl3 report`: one self-contained HTML page with every figure of a run.
+
+The page embeds plotly.js once and each figure's data inline, so it opens offline
+and requests nothing from the network. Its sections are the summary of the runs,
+the landscape slice, its topology, its dynamics, the training diagnostics and the
+provenance of every artifact. A section whose artifact is missing is replaced by a
+note naming the command that writes it.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from doodl3_cli import __version__
+from doodl3_cli.artifacts._common import read_content_id, utc_now
+from doodl3_cli.artifacts.dynamics import SliceDynamics
+from doodl3_cli.artifacts.landscape import LandscapeSlice
+from doodl3_cli.artifacts.topology import SliceTopology
+from doodl3_cli.dynamics.morse import REGION_NONE, REGION_OUTSIDE, REGION_SEPARATRIX
+from doodl3_cli.report import figures
+from doodl3_cli.report.content import RunContent, read_run_content
+from doodl3_cli.report.figures import format_number, trajectory_color
+from doodl3_cli.report.html import Cell, Section, figure_div, note, render_page, swatch, table
+from doodl3_cli.runfolder import RunFolder
+
+log = logging.getLogger(__name__)
+
+MAX_TABLE_ROWS = 60
+ACCURACY_PATTERN = re.compile(r"acc", re.IGNORECASE)
+
+
+def write_report(run: RunFolder) -> Path:
+    """Write ``RUN/report.html`` from the artifacts of the run folder.
+
+    The page is written under a temporary name in the run folder and renamed into
+    place, so a reader never sees a half-written report.
+
+    Parameters
+    ----------
+    run : RunFolder
+        The run folder. trajectory.h5 is required; landscape.h5, topology.h5 and
+        dynamics.h5 are shown when present.
+
+    Returns
+    -------
+    Path
+        ``run.report``.
+
+    Raises
+    ------
+    RunFolderError
+        When the run folder does not exist.
+    ArtifactError
+        When trajectory.h5 is missing, unreadable or holds no trajectory.
+    """
+    content = read_run_content(run)
+    sections = [
+        summary_section(content),
+        landscape_section(content),
+        topology_section(content),
+        dynamics_section(content),
+        diagnostics_section(content),
+        provenance_section(content),
+    ]
+    notes = [
+        note(
+            f"{stage} is out of date: its inputs changed after it was written.",
+            command=content.command(stage),
+            warning=True,
+        )
+        for stage in content.stale
+    ]
+    checkpoints = sum(len(t.step) for t in content.trajectories)
+    page = render_page(
+        title=f"doodl3 report: {run.path.name or run.path}",
+        subtitle_lines=[
+            f"Run folder {run.path.resolve()}",
+            f"{len(content.trajectories)} runs, {checkpoints} checkpoints; "
+            f"written {utc_now()} by doodl3 {__version__}",
+        ],
+        notes=notes,
+        sections=sections,
+    )
+    _write_atomically(run.report, page)
+    log.info("wrote %s (%.1f MiB)", run.report, run.report.stat().st_size / 2**20)
+    return run.report
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "slice"
+
+
+def _missing_note(content: RunContent, stage: str, what: str) -> str:
+    """The note that replaces a section whose artifact is missing or unreadable."""
+    return note(f"{what} is left out: {content.problems[stage]}.", command=content.command(stage))
+
+
+def _format_attr(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+# --- 1. summary -----------------------------------------------------------------------------------
+
+
+def summary_section(content: RunContent) -> Section:
+    """Table of the runs: what distinguishes them, where they ended and how well."""
+    section = Section(
+        "summary", "1. Summary",
+        "One row per recorded run. The final loss is each run's last checkpoint evaluated on the "
+        "evaluation set; the basin and attractor region say where on the slice that checkpoint ended.",
+    )
+    landscape = content.landscapes[0] if content.landscapes else None
+    topology = content.topologies.get(landscape.name) if landscape else None
+    dynamics = content.dynamics.get(landscape.name) if landscape else None
+
+    attr_keys = _attr_columns(content)
+    accuracy_keys = sorted({k for t in content.trajectories for k in t.metrics if ACCURACY_PATTERN.search(k)})
+    slice_label = f" (slice '{landscape.name}')" if landscape else ""
+    headers = (
+        ["run"] + attr_keys + ["checkpoints", "last step", "final loss, evaluation set", "final training loss, logged"]
+        + [f"final {key}, logged" for key in accuracy_keys]
+        + ["off-plane residual, final", f"basin{slice_label}", f"attractor region{slice_label}", "path / displacement"]
+    )
+
+    rows = []
+    for index, trajectory in enumerate(content.trajectories):
+        projection = landscape.projections.get(trajectory.name) if landscape else None
+        row = [swatch(trajectory_color(index), trajectory.name)]
+        row += [Cell(_format_attr(trajectory.attrs.get(key, ""))) for key in attr_keys]
+        row += [
+            Cell(str(len(trajectory.step)), numeric=True),
+            Cell(str(int(trajectory.step[-1])) if len(trajectory.step) else "n/a", numeric=True),
+            Cell(_last(projection.loss) if projection else "not sampled", numeric=projection is not None),
+            Cell(_last(trajectory.metrics.get("loss")), numeric=True),
+        ]
+        row += [Cell(_last(trajectory.metrics.get(key)), numeric=True) for key in accuracy_keys]
+        row += [
+            Cell(_last(projection.residual) if projection else "not sampled", numeric=projection is not None),
+            Cell(_basin_label(topology, trajectory.name)),
+            Cell(_region_label(dynamics, trajectory.name)),
+            Cell(_path_ratio(content, trajectory.name), numeric=True),
+        ]
+        rows.append(row)
+    section.add(table(headers, rows))
+
+    if not accuracy_keys:
+        section.add(note(
+            "No accuracy metric was logged with the checkpoints, so the table has no accuracy column. "
+            "Log one (e.g. accuracy=...) when recording to see it here."
+        ))
+    for stage, what in (("sample", "The evaluation loss and residual"), ("topology", "The basin column"),
+                        ("dynamics", "The attractor column and path ratio")):
+        if stage in content.problems:
+            section.add(_missing_note(content, stage, what))
+    return section
+
+
+def _attr_columns(content: RunContent) -> list[str]:
+    """Trajectory attributes as columns: seed and learning rate first, then the rest by name."""
+    keys = {k for t in content.trajectories for k in t.attrs}
+    first = [k for k in ("seed", "learning_rate", "lr") if k in keys]
+    return first + sorted(keys - set(first))
+
+
+def _last(values: np.ndarray | None) -> str:
+    if values is None or len(values) == 0:
+        return "not recorded"
+    return format_number(values[-1])
+
+
+def _basin_label(topology: SliceTopology | None, name: str) -> str:
+    if topology is None:
+        return "not computed"
+    basin = topology.final_basins.get(name)
+    if basin is None:
+        return "not assigned"
+    if basin < 0:
+        return "none (outside the grid or on a non-finite cell)"
+    return f"m{basin} (minimum loss {format_number(topology.minima.value[basin])})"
+
+
+def _region_label(dynamics: SliceDynamics | None, name: str) -> str:
+    if dynamics is None:
+        return "not computed"
+    placement = dynamics.placements.get(name)
+    if placement is None or len(placement) == 0:
+        return "not placed"
+    return region_text(int(placement[-1]))
+
+
+def region_text(code: int) -> str:
+    """Describe a region or placement code of dynamics.h5."""
+    if code >= 0:
+        return f"Morse set {code}"
+    return {
+        REGION_NONE: "reaches no attractor",
+        REGION_SEPARATRIX: "separatrix (reaches several attractors)",
+        REGION_OUTSIDE: "outside the domain",
+    }.get(code, f"unknown code {code}")
+
+
+def _path_ratio(content: RunContent, name: str) -> str:
+    diagnostics = content.diagnostics.get(name)
+    return format_number(diagnostics.path_over_displacement, 3) if diagnostics else "not computed"
+
+
+# --- 2. the landscape slice -----------------------------------------------------------------------
+
+
+def landscape_section(content: RunContent) -> Section:
+    """Contour and surface of every slice with the trajectories on it."""
+    section = Section(
+        "landscape", "2. The loss landscape slice",
+        "The slice is a plane through parameter space; colours are the loss at each grid point of the plane. "
+        "Each run is a line, its checkpoints are markers coloured by step, and its final checkpoint is a "
+        "diamond. Checkpoints lie off the plane by their residual, so the colour under a marker is the "
+        "plane's loss there, not the checkpoint's own loss (both are in the hover text).",
+    )
+    if "sample" in content.problems:
+        section.add(_missing_note(content, "sample", "The landscape slice"))
+        return section
+
+    for landscape in content.landscapes:
+        slug = _slug(landscape.name)
+        if len(content.landscapes) > 1:
+            section.add(f"<h3>Slice '{html.escape(landscape.name)}'</h3>")
+        topology = content.topologies.get(landscape.name)
+        dynamics = content.dynamics.get(landscape.name)
+        if dynamics is not None and dynamics.morse.morse_set.shape != landscape.loss.shape:
+            log.warning("slice %s: dynamics grid %s differs from the landscape grid %s; Morse sets not drawn",
+                        landscape.name, dynamics.morse.morse_set.shape, landscape.loss.shape)
+            dynamics = None
+        section.add(figure_div(figures.landscape_contour(landscape, topology=topology, dynamics=dynamics),
+                               f"landscape-contour-{slug}"))
+        section.add(figure_div(figures.landscape_surface(landscape), f"landscape-surface-{slug}"))
+        section.add(note(f"Slice '{landscape.name}': {figures.explained_variance_note(landscape.explained_variance)}."))
+        section.add(_residual_table(content, landscape))
+    for stage, what in (("topology", "Minima and basin boundaries"), ("dynamics", "Morse sets")):
+        if stage in content.problems:
+            section.add(_missing_note(content, stage, what))
+    return section
+
+
+def _residual_table(content: RunContent, landscape: LandscapeSlice) -> str:
+    """How far each run's checkpoints lie from the plane, next to their own and on-plane loss."""
+    headers = ["run", "max off-plane residual", "final residual", "final own loss", "final loss on the plane"]
+    rows = []
+    for index, trajectory in enumerate(content.trajectories):
+        projection = landscape.projections.get(trajectory.name)
+        if projection is None or len(projection.residual) == 0:
+            continue
+        finite = projection.residual[np.isfinite(projection.residual)]
+        rows.append([
+            swatch(trajectory_color(index), trajectory.name),
+            Cell(format_number(finite.max()) if finite.size else "n/a", numeric=True),
+            Cell(format_number(projection.residual[-1]), numeric=True),
+            Cell(format_number(projection.loss[-1]), numeric=True),
+            Cell(format_number(projection.loss_on_plane[-1]), numeric=True),
+        ])
+    return table(headers, rows)
+
+
+# --- 3. topology ----------------------------------------------------------------------------------
+
+
+def topology_section(content: RunContent) -> Section:
+    """Persistence diagram and significant minima of every slice."""
+    section = Section(
+        "topology", "3. Topology",
+        "Each point is a feature of the sublevel sets of the loss: H0 points are minima (born at their "
+        "loss, dying when their basin merges into a deeper one), H1 points are rings. Distance above the "
+        "diagonal is persistence; points near the diagonal are sampling noise.",
+    )
+    if "topology" in content.problems:
+        section.add(_missing_note(content, "topology", "The topology section"))
+        return section
+
+    for name, topology in content.topologies.items():
+        if len(content.topologies) > 1:
+            section.add(f"<h3>Slice '{html.escape(name)}'</h3>")
+        section.add(figure_div(figures.persistence_diagram(topology), f"persistence-{_slug(name)}"))
+        section.add(_minima_table(content, topology))
+        if topology.nonfinite_cells:
+            section.add(note(
+                f"{topology.nonfinite_cells} cells of slice '{name}' are NaN or infinite; the topology stage "
+                f"treated them as a wall at loss {format_number(topology.wall_value)}."
+            ))
+    return section
+
+
+def _minima_table(content: RunContent, topology: SliceTopology) -> str:
+    minima = topology.minima
+    ending = _runs_by_label(content, topology.final_basins)
+    rows = [
+        [
+            Cell(f"m{k}"),
+            Cell(format_number(minima.coords[k, 0]), numeric=True),
+            Cell(format_number(minima.coords[k, 1]), numeric=True),
+            Cell(format_number(minima.value[k]), numeric=True),
+            Cell(format_number(minima.persistence[k]), numeric=True),
+            Cell(", ".join(ending.get(k, [])) or "none"),
+        ]
+        for k in range(min(len(minima), MAX_TABLE_ROWS))
+    ]
+    text = table(["minimum", "alpha", "beta", "loss", "persistence", "runs ending in its basin"], rows)
+    if len(minima) > MAX_TABLE_ROWS:
+        text += note(f"Showing the {MAX_TABLE_ROWS} deepest of {len(minima)} significant minima.")
+    return text
+
+
+def _runs_by_label(content: RunContent, final: dict[str, int]) -> dict[int, list[str]]:
+    ending: dict[int, list[str]] = {}
+    for trajectory in content.trajectories:
+        if trajectory.name in final:
+            ending.setdefault(int(final[trajectory.name]), []).append(trajectory.name)
+    return ending
+
+
+# --- 4. dynamics ----------------------------------------------------------------------------------
+
+
+def dynamics_section(content: RunContent) -> Section:
+    """Morse sets, the Morse graph and the flow field of every slice."""
+    section = Section(
+        "dynamics", "4. Dynamics",
+        "The negative gradient flow of the sampled loss, decomposed into Morse sets: recurrent sets of grid "
+        "boxes ordered by which reaches which. Attractors are where the flow ends; each box is coloured by the "
+        "attractor it reaches, and grey boxes reach several (separatrices).",
+    )
+    if "dynamics" in content.problems:
+        section.add(_missing_note(content, "dynamics", "The dynamics section"))
+        return section
+
+    for name, dynamics in content.dynamics.items():
+        slug = _slug(name)
+        if len(content.dynamics) > 1:
+            section.add(f"<h3>Slice '{html.escape(name)}'</h3>")
+        section.add(_morse_table(content, dynamics))
+        section.add(figure_div(figures.morse_graph(dynamics), f"morse-graph-{slug}"))
+        landscape = next((s for s in content.landscapes if s.name == name), None)
+        section.add(figure_div(figures.flow_field(dynamics, landscape=landscape), f"flow-field-{slug}"))
+    return section
+
+
+def _morse_table(content: RunContent, dynamics: SliceDynamics) -> str:
+    graph = dynamics.morse
+    below: dict[int, list[int]] = {}
+    for upper, lower in np.asarray(graph.hasse_edges).reshape(-1, 2):
+        below.setdefault(int(upper), []).append(int(lower))
+    final = {name: int(p[-1]) for name, p in dynamics.placements.items() if len(p)}
+    ending = _runs_by_label(content, final)
+
+    rows = []
+    for s in range(min(graph.n_sets, MAX_TABLE_ROWS)):
+        kind = "attractor" if graph.attractor[s] else ("repeller" if graph.repeller[s] else "")
+        rows.append([
+            Cell(str(s)),
+            Cell(kind),
+            Cell(str(int(graph.set_cells[s])), numeric=True),
+            Cell(format_number(graph.set_min_loss[s]), numeric=True),
+            Cell(", ".join(str(b) for b in sorted(below.get(s, []))) or "none"),
+            Cell(", ".join(ending.get(s, [])) if graph.attractor[s] else ""),
+        ])
+    text = table(["Morse set", "kind", "boxes", "min loss", "flows directly to", "runs ending in its region"], rows)
+    if graph.n_sets > MAX_TABLE_ROWS:
+        text += note(f"Showing the {MAX_TABLE_ROWS} lowest of {graph.n_sets} Morse sets.")
+    elsewhere = [f"{name} ({region_text(code)})" for name, code in final.items() if code < 0]
+    if elsewhere:
+        text += note("Runs whose final checkpoint is in no single attractor's region: " + ", ".join(elsewhere) + ".")
+    return text
+
+
+# --- 5. training diagnostics ----------------------------------------------------------------------
+
+
+def diagnostics_section(content: RunContent) -> Section:
+    """Loss, speed and update cosine of every run over its training steps."""
+    section = Section(
+        "diagnostics", "5. Training diagnostics",
+        "Each run over its training steps: the loss, the speed (distance in parameter space per step) and "
+        "the cosine between successive updates. A cosine near -1 means the run oscillates across a valley; "
+        "near 1 it moves straight.",
+    )
+    projections = content.landscapes[0].projections if content.landscapes else None
+    section.add(figure_div(
+        figures.training_diagnostics(content.trajectories, projections=projections,
+                                     diagnostics=content.diagnostics or None),
+        "training-diagnostics",
+    ))
+    if "dynamics" in content.problems:
+        section.add(_missing_note(content, "dynamics", "Speed and cosine"))
+    if "sample" in content.problems:
+        section.add(_missing_note(content, "sample", "The loss on the evaluation set"))
+    return section
+
+
+# --- 6. provenance --------------------------------------------------------------------------------
+
+
+def provenance_section(content: RunContent) -> Section:
+    """Root attributes and slice settings of every artifact."""
+    section = Section(
+        "provenance", "6. Provenance",
+        "Which doodl3 version wrote each artifact, when, with which settings, and the content id of each "
+        "input it was computed from. An input marked 'changed since' means the artifact is out of date.",
+    )
+    slice_attrs = _slice_attributes(content)
+    for entry in content.provenance:
+        attrs = entry.attrs
+        rows = [
+            [Cell("written by"), Cell(content.command(entry.stage))],
+            [Cell("schema"), Cell(f"{attrs['schema']} version {attrs['schema_version']}")],
+            [Cell("doodl3 version"), Cell(attrs["doodl3_version"] or "not recorded")],
+            [Cell("created"), Cell(attrs["created"] or "not recorded")],
+            [Cell("content id"), Cell(attrs["content_id"] or "not recorded")],
+            [Cell("inputs"), _lines_cell(_input_lines(content, attrs["upstream"]) or ["none"])],
+            [Cell("settings"), key_value_cell(attrs["settings"])],
+        ]
+        for name, values in slice_attrs.get(entry.path.name, {}).items():
+            rows.append([Cell(f"slice '{name}'"), key_value_cell(values)])
+        section.add(f"<h3>{html.escape(entry.path.name)}</h3>")
+        section.add(table(["attribute", "value"], rows))
+    for stage, problem in content.problems.items():
+        section.add(note(f"{stage}: {problem}."))
+    return section
+
+
+def _input_lines(content: RunContent, upstream: Any) -> list[str]:
+    """One line per recorded input: its content id and whether the file still has it."""
+    if not isinstance(upstream, dict):
+        return [f"unreadable upstream attribute: {upstream!r}"]
+    lines = []
+    for name, recorded in sorted(upstream.items()):
+        current = read_content_id(content.run.path / name)
+        if current is None:
+            state = "file missing now"
+        elif current == recorded:
+            state = "current"
+        else:
+            state = f"changed since, now {current}"
+        lines.append(f"{name}: {recorded} ({state})")
+    return lines
+
+
+def _slice_attributes(content: RunContent) -> dict[str, dict[str, dict[str, Any]]]:
+    """Slice attributes by artifact file name and slice name: how each grid was sampled and analysed."""
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    for landscape in content.landscapes:
+        found.setdefault("landscape.h5", {})[landscape.name] = landscape.attrs
+    for name, topology in content.topologies.items():
+        found.setdefault("topology.h5", {})[name] = {
+            "convention": topology.convention, "threshold": topology.threshold,
+            "threshold_rule": topology.threshold_rule, "nonfinite_cells": topology.nonfinite_cells,
+            "wall_value": topology.wall_value,
+        }
+    for name, dynamics in content.dynamics.items():
+        found.setdefault("dynamics.h5", {})[name] = dynamics.attrs
+    return found
+
+
+def key_value_cell(values: Any) -> Cell:
+    """A table cell listing a mapping as ``key = value`` lines, values as JSON."""
+    if not isinstance(values, dict):
+        return _lines_cell([json.dumps(_plain(values), sort_keys=True)])
+    if not values:
+        return Cell("none")
+    return _lines_cell([f"{key} = {json.dumps(_plain(value), sort_keys=True)}" for key, value in sorted(values.items())])
+
+
+def _lines_cell(lines: list[str]) -> Cell:
+    return Cell('<span class="lines">' + "<br>".join(html.escape(line) for line in lines) + "</span>", trusted_html=True)
+
+
+def _plain(value: Any) -> Any:
+    """Convert numpy values and non-finite floats into JSON-safe plain values."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return format_number(value)
+    return value
+

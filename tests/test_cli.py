@@ -1,0 +1,134 @@
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from doodl3_cli.cli import app
+from doodl3_cli.errors import RunFolderError
+from doodl3_cli.record import record_directory
+
+runner = CliRunner()
+
+
+def _error_line(result) -> str:
+    """Return the single line that a failed command printed on stderr, checking the failure shape."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def _usage_error(result) -> str:
+    """Return stderr of a usage error with typer's box drawing and line wrapping removed."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return " ".join(re.sub("[\u2500-\u257f]", " ", result.stderr).split())
+
+
+def test_sample_missing_run(tmp_path):
+    run = tmp_path / "missing"
+
+    result = runner.invoke(app, ["sample", str(run)])
+
+    line = _error_line(result)
+    assert line.startswith(f"error: {run}: run folder not found")
+    assert f"doodl3 record {run} --from DIR" in line
+
+
+def test_topology_before_sample(tmp_path):
+    result = runner.invoke(app, ["topology", str(tmp_path)])
+
+    line = _error_line(result)
+    assert line.startswith(f"error: {tmp_path / 'landscape.h5'}: artifact not found")
+    assert "`doodl3 sample RUN`" in line
+
+
+def test_sample_factory_not_importable(tmp_path, mlp_checkpoints, write_config):
+    folder, _ = mlp_checkpoints
+    run = tmp_path / "run"
+    record_directory(run, folder)
+    write_config(run, model_factory="doodl3_no_such_module:mlp")
+
+    result = runner.invoke(app, ["sample", str(run), "--resolution", "3"])
+
+    line = _error_line(result)
+    assert f"[model].factory = 'doodl3_no_such_module:mlp' in {run / 'doodl3.toml'}" in line
+    assert "module 'doodl3_no_such_module' cannot be imported" in line
+    assert not (run / "landscape.h5").exists()
+
+
+def test_record_mismatch(tmp_path, mlp_checkpoints, write_config):
+    folder, _ = mlp_checkpoints
+    run = tmp_path / "run"
+    write_config(run, model_kwargs={"in_features": 64, "hidden": [16], "classes": 10})
+
+    result = runner.invoke(app, ["record", str(run), "--from", str(folder)])
+
+    line = _error_line(result)
+    assert line.startswith(f"error: {folder / 'step-0.pt'}: does not match the model in doodl3.toml")
+    assert "'0.weight (8, 64) (model (16, 64))'" in line
+    assert "check that [model] builds the architecture" in line
+
+
+def test_record_valid_folder(tmp_path, mlp_checkpoints, write_config):
+    folder, _ = mlp_checkpoints
+    run = tmp_path / "run"
+    write_config(run)
+
+    result = runner.invoke(app, ["record", str(run), "--from", str(folder), "--attr", "seed=0"])
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"checkpoints: 5 checkpoints added, 0 already recorded, 5 in {run / 'trajectory.h5'}\n"
+
+
+def test_record_empty_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    result = runner.invoke(app, ["record", str(tmp_path / "run"), "--from", str(empty)])
+
+    line = _error_line(result)
+    assert line.startswith(f"error: --from {empty}: no checkpoint files (.pt, .pth) found")
+    assert not (tmp_path / "run").exists()
+
+
+def test_extent_min_above_max(tmp_path):
+    result = runner.invoke(app, ["sample", str(tmp_path), "--extent", "1,0,0,1"])
+
+    message = _usage_error(result)
+    assert "Invalid value for --extent: expected ALPHA_MIN,ALPHA_MAX,BETA_MIN,BETA_MAX with min < max" in message
+    assert "got '1,0,0,1'" in message
+
+
+def test_attr_without_equals(tmp_path, mlp_checkpoints):
+    folder, _ = mlp_checkpoints
+    run = tmp_path / "run"
+
+    result = runner.invoke(app, ["record", str(run), "--from", str(folder), "--attr", "seed"])
+
+    message = _usage_error(result)
+    assert "Invalid value for --attr: expected KEY=VALUE, got 'seed'" in message
+    assert not run.exists()
+
+
+def test_debug_reraises(tmp_path):
+    run = tmp_path / "missing"
+
+    result = runner.invoke(app, ["--debug", "sample", str(run)])
+
+    assert result.exit_code == 1
+    assert isinstance(result.exception, RunFolderError)
+    assert str(result.exception).startswith(f"{run}: run folder not found")
+    assert "error:" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["sample", "topology", "dynamics", "run"])
+def test_missing_run_every_command(tmp_path, command):
+    run = tmp_path / "missing"
+
+    result = runner.invoke(app, [command, str(run)])
+
+    assert _error_line(result).startswith(f"error: {run}: run folder not found")
