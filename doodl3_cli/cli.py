@@ -29,6 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 log = logging.getLogger("doodl3_cli")
@@ -138,12 +139,14 @@ def _parse_pairs(values: list[str], option: str) -> dict[str, object]:
     return pairs
 
 
-RunArgument = typer.Argument(..., help="The run folder that holds doodl3.toml and the artifacts.", file_okay=False)
+RunArgument = typer.Argument(
+    ..., metavar="RUN", help="The run folder that holds doodl3.toml and the artifacts.", file_okay=False
+)
 
 
 @app.command()
 def record(
-    run: Path = typer.Argument(..., help="The run folder; created when missing.", file_okay=False),
+    run: Path = typer.Argument(..., metavar="RUN", help="The run folder; created when missing.", file_okay=False),
     source: Path = typer.Option(..., "--from", help="Folder of .pt/.pth state_dict checkpoints, one training run."),
     trajectory: Optional[str] = typer.Option(None, "--trajectory", help="Name of the trajectory (default: the folder name)."),
     attr: list[str] = typer.Option([], "--attr", help="Run attribute KEY=VALUE, e.g. seed=0; repeatable."),
@@ -183,6 +186,12 @@ def _sample_options(resolution: int, margin: float, center: Optional[str], exten
     )
 
 
+def _positive_or_none(value: Optional[float]) -> Optional[float]:
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"must be a positive number, got {value!r}")
+    return value
+
+
 ResolutionOption = typer.Option(41, "--resolution", min=2, max=4001, help="Grid points per axis of the slice.")
 MarginOption = typer.Option(0.25, "--margin", min=0.0, help="Extent beyond the trajectories, as a fraction of their span.")
 CenterOption = typer.Option(None, "--center", help="Slice center TRAJECTORY or TRAJECTORY:INDEX (default: final state of the lowest-loss run).")
@@ -190,7 +199,7 @@ ExtentOption = typer.Option(None, "--extent", help="Grid extent ALPHA_MIN,ALPHA_
 DeviceOption = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: [evaluation].device of doodl3.toml).")
 PointsOption = typer.Option(64, "--points-per-pass", min=1, help="Grid points evaluated in one vectorised forward pass.")
 MinPersistenceOption = typer.Option(None, "--min-persistence", min=0.0, help="Persistence, in loss units, above which a feature is significant (default: 5% of the median depth, median minus minimum, of the finite losses).")
-TauOption = typer.Option(None, "--tau", min=0.0, help="Time of the gradient-flow map, in slice units squared per loss unit (default: chosen from the curvature at the minima).")
+TauOption = typer.Option(None, "--tau", callback=_positive_or_none, help="Time of the gradient-flow map, in slice units squared per loss unit (default: chosen from the curvature at the minima).")
 
 
 @app.command()
@@ -273,7 +282,7 @@ def run_command(
 
 @app.command()
 def demo(
-    run: Path = typer.Argument(..., help="A new run folder for the demo.", file_okay=False),
+    run: Path = typer.Argument(..., metavar="RUN", help="A new run folder for the demo.", file_okay=False),
     seeds: int = typer.Option(5, "--seeds", min=1, help="Runs per learning rate, with seeds 0..N-1."),
     steps: int = typer.Option(300, "--steps", min=2, help="Full-batch gradient steps per run."),
     record_every: int = typer.Option(5, "--record-every", min=1, help="Steps between recorded checkpoints."),

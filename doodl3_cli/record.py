@@ -19,7 +19,6 @@ from doodl3_cli.checkpoints import (
     CHECKPOINT_SUFFIXES,
     STEP_KEYS,
     file_digest,
-    flatten,
     flatten_model,
     load_checkpoint,
     match_layout,
@@ -230,24 +229,28 @@ def record_directory(
     del first_state
 
     run.path.mkdir(parents=True, exist_ok=True)
-    added = skipped = 0
     with TrajectoryWriter(
         run.trajectory, layout=layout, buffer_layout=buffer_layout, trajectory=name, attrs=attrs or {},
         settings={"source": str(source)}, metric_keys=(),
     ) as writer:
-        for done, (step, epoch, path) in enumerate(loaded, start=1):
-            digest = file_digest(path)
-            if writer.has_digest(digest):
-                skipped += 1
-            else:
-                state, _ = load_checkpoint(path)
-                params = match_layout(state, layout, path=path)
-                buffers = match_layout(state, buffer_layout, path=path, what="buffers") if buffer_layout.entries else np.empty(0, np.float32)
-                writer.append(params, buffers, step=step, epoch=epoch, source=str(path), source_digest=digest)
-                added += 1
-                log.debug("recorded %s as step %d", path, step)
+        pending = [(step, epoch, path, file_digest(path)) for step, epoch, path in loaded]
+        new = [item for item in pending if not writer.has_digest(item[3])]
+        if new and writer.rows and new[0][0] <= writer.last_step:
+            raise CheckpointError(
+                f"{new[0][2]}: step {new[0][0]} is not after step {writer.last_step}, the last one recorded in "
+                f"trajectory '{name}'; record these checkpoints into a new trajectory (--trajectory NAME)"
+            )
+
+        skipped = len(pending) - len(new)
+        for done, (step, epoch, path, digest) in enumerate(new, start=1):
+            state, _ = load_checkpoint(path)
+            params = match_layout(state, layout, path=path)
+            buffers = match_layout(state, buffer_layout, path=path, what="buffers") if buffer_layout.entries else np.empty(0, np.float32)
+            writer.append(params, buffers, step=step, epoch=epoch, source=str(path), source_digest=digest)
+            log.debug("recorded %s as step %d", path, step)
             if progress is not None:
-                progress(done, len(loaded))
+                progress(skipped + done, len(pending))
+        added = len(new)
         total = writer.rows
 
     log.info("trajectory %s: %d checkpoints added, %d already recorded", name, added, skipped)

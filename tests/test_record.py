@@ -305,3 +305,18 @@ def test_batchnorm_buffers_without_config(tmp_path, train_sgd):
         read_trajectory(tmp_path / "bare" / "trajectory.h5", "seed0").buffers,
         read_trajectory(live_path, "seed0").buffers,
     )
+
+
+def test_ingest_rejects_earlier_step(tmp_path, mlp_checkpoints):
+    folder, states = mlp_checkpoints
+    run = tmp_path / "run"
+    early = folder / "step-3.pt"
+    kept = tmp_path / "step-3.pt"
+    early.rename(kept)
+    record_directory(run, folder, trajectory="seed0")
+    kept.rename(early)
+
+    with pytest.raises(CheckpointError, match=r"step 3 is not after step 12"):
+        record_directory(run, folder, trajectory="seed0")
+
+    assert read_trajectory(run / "trajectory.h5", "seed0").step.tolist() == [0, 6, 9, 12]

@@ -142,8 +142,16 @@ def check_schema(f: h5py.File, *, schema: str, max_version: int, command: str) -
 
 
 @contextlib.contextmanager
-def open_artifact(path: Path, *, schema: str, max_version: int, command: str) -> Iterator[h5py.File]:
+def open_artifact(
+    path: Path, *, schema: str, max_version: int, command: str, swmr: bool = False
+) -> Iterator[h5py.File]:
     """Open an existing artifact read-only after checking its schema.
+
+    Parameters
+    ----------
+    swmr : bool
+        Open as an HDF5 SWMR reader, so the file may be read while its writer
+        appends to it (trajectory.h5).
 
     Raises
     ------
@@ -154,8 +162,13 @@ def open_artifact(path: Path, *, schema: str, max_version: int, command: str) ->
     if not path.is_file():
         raise ArtifactError(f"{path}: artifact not found; run `{command}` first")
     try:
-        f = h5py.File(path, "r", locking=False)
+        f = h5py.File(path, "r", locking=False, swmr=swmr)
     except OSError as exc:
+        if "already open for write" in str(exc):
+            raise ArtifactError(
+                f"{path}: is marked open by a writer; if no doodl3 process is writing it, the writer "
+                "was killed: clear the flag with `h5clear -s` (HDF5 tools) and rerun"
+            ) from exc
         raise ArtifactError(
             f"{path}: cannot be opened as HDF5 ({exc}); the file may be truncated, "
             f"delete it and rerun `{command}`"
@@ -168,7 +181,7 @@ def open_artifact(path: Path, *, schema: str, max_version: int, command: str) ->
 def read_content_id(path: Path) -> str | None:
     """Return the content id of an artifact, or None when the file is missing or unreadable."""
     try:
-        with h5py.File(path, "r", locking=False) as f:
+        with h5py.File(path, "r", locking=False, swmr=True) as f:
             return attr_str(f, "content_id")
     except (OSError, FileNotFoundError):
         return None

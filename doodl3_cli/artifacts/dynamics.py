@@ -113,7 +113,7 @@ def write_slice(f: h5py.File, result: SliceDynamics) -> h5py.Group:
     Raises
     ------
     ArtifactError
-        When the file already holds a slice of that name.
+        When the file already contains a slice of that name.
     """
     slices = f.require_group("slices")
     if result.name in slices:
@@ -158,7 +158,7 @@ def write_trajectory(f: h5py.File, diagnostics: TrajectoryDiagnostics) -> h5py.G
     Raises
     ------
     ArtifactError
-        When the file already holds a trajectory of that name.
+        When the file already contains a trajectory of that name.
     """
     trajectories = f.require_group("trajectories")
     if diagnostics.name in trajectories:
@@ -189,13 +189,13 @@ def read_slice(path: Path, name: str | None = None) -> SliceDynamics:
     Raises
     ------
     ArtifactError
-        When the file is missing or of another schema, holds no slice, lacks the
+        When the file is missing or of another schema, contains no slice, lacks the
         slice named, or lacks one of its datasets.
     """
     with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND) as f:
         slices = f.get("slices")
         if slices is None or len(slices) == 0:
-            raise ArtifactError(f"{path}: holds no slice; rerun `{COMMAND}`")
+            raise ArtifactError(f"{path}: contains no slice; rerun `{COMMAND}`")
         if name is None:
             name = next(iter(slices.keys()))
         if name not in slices:

@@ -145,13 +145,13 @@ def read_layout_group(group: h5py.Group) -> Layout:
 
 def read_layouts(path: Path) -> tuple[Layout, Layout]:
     """Return the (parameter, buffer) layouts of a trajectory file."""
-    with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND) as f:
+    with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND, swmr=True) as f:
         return read_layout_group(f["layout"]), read_layout_group(f["buffer_layout"])
 
 
 def list_trajectories(path: Path) -> list[str]:
     """Return the names of the recorded trajectories, in creation order."""
-    with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND) as f:
+    with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND, swmr=True) as f:
         group = f.get("trajectories")
         if group is None:
             return []
@@ -168,7 +168,7 @@ def read_trajectory(path: Path, name: str) -> Trajectory:
     ArtifactError
         When the trajectory is not in the file.
     """
-    with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND) as f:
+    with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND, swmr=True) as f:
         group = f.get(f"trajectories/{name}")
         if group is None:
             available = ", ".join(f["trajectories"].keys()) if "trajectories" in f else "none"
@@ -372,6 +372,11 @@ class TrajectoryWriter:
     def rows(self) -> int:
         """Number of checkpoints recorded in this trajectory."""
         return self._rows
+
+    @property
+    def last_step(self) -> int | None:
+        """Training step of the last recorded checkpoint, or None when there is none."""
+        return int(self._group["step"][self._rows - 1]) if self._rows else None
 
     def has_digest(self, digest: str) -> bool:
         """True when a checkpoint with this digest is already recorded in the trajectory."""

@@ -108,7 +108,7 @@ def read_run_content(run: RunFolder) -> RunContent:
     RunFolderError
         When the run folder does not exist.
     ArtifactError
-        When trajectory.h5 is missing or unreadable, or holds no trajectory.
+        When trajectory.h5 is missing or unreadable, or contains no trajectory.
     """
     run.require_exists()
     if not run.trajectory.is_file():
@@ -116,12 +116,12 @@ def read_run_content(run: RunFolder) -> RunContent:
             f"{run.trajectory}: not found, and the report needs the recorded checkpoints; "
             f"run `doodl3 record {run.path} --from DIR` first"
         )
-    # NOTE: read_trajectory also loads params [T, P], which the report does not use;
-    # for very large models this costs T * P * 4 bytes of memory while the report is built.
+    # NOTE: read_trajectory also loads params [T, P], which the report does not use.
+    # For very large models this costs T * P * 4 bytes of memory while the report is built.
     trajectories = trajectory_artifact.read_all_trajectories(run.trajectory)
     if not trajectories:
         raise ArtifactError(
-            f"{run.trajectory}: holds no trajectory; record checkpoints with `doodl3 record {run.path} --from DIR`"
+            f"{run.trajectory}: contains no trajectory; record checkpoints with `doodl3 record {run.path} --from DIR`"
         )
     content = RunContent(run=run, trajectories=trajectories)
 

@@ -142,7 +142,7 @@ def explained_variance_note(explained: np.ndarray) -> str:
 def _checkpoint_text(
     name: str, projection: Projection, basins: np.ndarray | None = None
 ) -> list[str]:
-    """Hover text of every checkpoint: its own loss next to the plane's loss and the residual."""
+    """Build the hover text of every checkpoint: its own loss next to the plane's loss and the residual."""
     texts = []
     for k in range(len(projection.step)):
         lines = [
@@ -158,14 +158,17 @@ def _checkpoint_text(
 
 
 def _checkpoint_markers(steps: np.ndarray, last_rows: Sequence[int], step_range: tuple[float, float]) -> dict:
-    """Markers coloured by step on the shared step colour axis; the final checkpoint is a diamond."""
+    """Return marker settings coloured by step on the shared step colour axis, with the final checkpoint as a diamond."""
     symbols = np.full(len(steps), "circle", dtype=object)
     sizes = np.full(len(steps), 7)
     for row in last_rows:
         symbols[row] = "diamond"
         sizes[row] = 12
+    # The NaN rows that separate merged runs have no position, so their colour is never drawn,
+    # but plotly rejects null colours.
+    colors = np.where(np.isfinite(steps), steps, step_range[0])
     return {
-        "color": masked(steps),
+        "color": colors.tolist(),
         "coloraxis": "coloraxis2",
         "symbol": symbols.tolist(),
         "size": sizes.tolist(),
@@ -182,7 +185,7 @@ def _trajectory_traces(
     height_of: str | None,
     max_traces: int,
 ) -> list:
-    """One trace per trajectory group: a line in the run's colour with markers coloured by step.
+    """Build one trace per trajectory group: a line in the run's colour with markers coloured by step.
 
     `height_of` is None for the 2-D contour, or ``"loss_on_plane"`` to lift the
     checkpoints onto the 3-D surface.
@@ -250,7 +253,7 @@ def _loss_contour(landscape: LandscapeSlice, *, zrange: tuple[float, float], sho
 
 
 def _basin_boundary_trace(topology: SliceTopology) -> go.Contour | None:
-    """Contour lines at the half-integer levels of the basin labels: the divides between basins."""
+    """Draw contour lines at the half-integer levels of the basin labels, which are the divides between basins."""
     count = len(topology.minima)
     if count < 2:
         return None
@@ -338,7 +341,7 @@ def landscape_contour(
     dynamics: SliceDynamics | None = None,
     max_trajectories: int = MAX_TRAJECTORY_TRACES,
 ) -> go.Figure:
-    """Contour of the loss slice with every trajectory, the minima, basins and Morse sets.
+    """Draw the loss slice as a contour with every trajectory, the minima, basins and Morse sets.
 
     Parameters
     ----------
@@ -403,10 +406,10 @@ def _axis_range(coords: np.ndarray) -> list[float] | None:
 
 
 def landscape_surface(landscape: LandscapeSlice, *, max_trajectories: int = MAX_TRAJECTORY_TRACES) -> go.Figure:
-    """3-D surface of the loss slice with the trajectories lifted to the plane's loss.
+    """Draw the loss slice as a 3-D surface with the trajectories lifted to the plane's loss.
 
-    Each checkpoint is drawn at `loss_on_plane` (the surface height at its
-    projection), so it sits on the surface; its own loss and its distance from the
+    Each checkpoint is drawn at `loss_on_plane`, the surface height at its
+    projection, so it sits on the surface. Its own loss and its distance from the
     plane are in the hover text. Checkpoints outside the grid have no height and are
     left out.
     """
@@ -460,7 +463,7 @@ def landscape_surface(landscape: LandscapeSlice, *, max_trajectories: int = MAX_
 
 
 def persistence_diagram(topology: SliceTopology) -> go.Figure:
-    """Persistence diagram of H0 and H1 of the slice; essential classes on a line at the top.
+    """Draw the persistence diagram of H0 and H1 of the slice, with essential classes on a line at the top.
 
     Points far above the diagonal are features that persist over a wide range of
     loss. Filled markers are significant (persistence above the slice threshold),
@@ -589,7 +592,7 @@ def _region_labels(regions: np.ndarray) -> tuple[np.ndarray, list[str], list[str
 
 
 def _categorical_colorscale(colors: Sequence[str]) -> list[list]:
-    """A stepped colour scale that gives integer k exactly the colour colors[k]."""
+    """Build a stepped colour scale that gives integer k exactly the colour colors[k]."""
     count = len(colors)
     scale = []
     for k, color in enumerate(colors):
@@ -614,7 +617,7 @@ def _arrow_segments(dynamics: SliceDynamics, max_per_axis: int) -> tuple[list, l
     gb = -dynamics.grad_beta[np.ix_(rows, cols)]
 
     # Lengths are measured in cells of the thinned grid, so the arrows stay readable when
-    # alpha and beta have different units; directions stay those of the data coordinates.
+    # alpha and beta have different units. Directions stay those of the data coordinates.
     h_alpha = (alpha[-1] - alpha[0]) / max(len(alpha) - 1, 1) * stride_i or 1.0
     h_beta = (beta[-1] - beta[0]) / max(len(beta) - 1, 1) * stride_j or 1.0
     norm = np.hypot(ga / h_alpha, gb / h_beta)
@@ -664,7 +667,7 @@ def flow_field(
     landscape: LandscapeSlice | None = None,
     max_arrows_per_axis: int = MAX_ARROWS_PER_AXIS,
 ) -> go.Figure:
-    """Regions of attraction of the slice with arrows of the negative loss gradient.
+    """Draw the regions of attraction of the slice with arrows of the negative loss gradient.
 
     Each box is coloured by the attractor its flow reaches; grey boxes reach more
     than one (separatrices). Arrows point downhill with length proportional to the
@@ -727,7 +730,7 @@ def flow_field(
 
 
 def _morse_levels(count: int, hasse_edges: np.ndarray) -> np.ndarray:
-    """Longest path from each Morse set down to an attractor along the Hasse edges; attractors are 0."""
+    """Return the longest path from each Morse set down to an attractor along the Hasse edges (0 for attractors)."""
     below: list[list[int]] = [[] for _ in range(count)]
     for upper, lower in np.asarray(hasse_edges, dtype=np.int64).reshape(-1, 2):
         below[int(upper)].append(int(lower))
@@ -753,7 +756,7 @@ def _morse_levels(count: int, hasse_edges: np.ndarray) -> np.ndarray:
 
 
 def morse_graph(dynamics: SliceDynamics) -> go.Figure:
-    """The Morse graph as a layered diagram: flow runs from higher rows down to the attractors.
+    """Draw the Morse graph as a layered diagram in which the flow runs down to the attractors.
 
     Each node is a Morse set, placed on the row of its longest path down to an
     attractor, so every edge of the Hasse diagram points downward. Node size grows
@@ -836,7 +839,7 @@ def training_diagnostics(
     diagnostics: dict[str, TrajectoryDiagnostics] | None = None,
     max_trajectories: int = MAX_TRAJECTORY_TRACES,
 ) -> go.Figure:
-    """Loss, speed and the cosine between successive updates of every run over its steps.
+    """Plot the loss, speed and cosine between successive updates of every run over its steps.
 
     Parameters
     ----------

@@ -99,7 +99,7 @@ def figure_div(fig: Figure, div_id: str) -> str:
 
 
 def note(text: str, *, command: str | None = None, warning: bool = False) -> str:
-    """A note paragraph; `command` is appended as inline code, e.g. the command that fills a gap."""
+    """Build a note paragraph, with `command` (e.g. the command that fills a gap) appended as inline code."""
     body = html.escape(text)
     if command:
         body += f" Run <code>{html.escape(command)}</code>."
@@ -108,14 +108,14 @@ def note(text: str, *, command: str | None = None, warning: bool = False) -> str
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Cell]]) -> str:
-    """An HTML table with a header row; cell text is escaped unless marked trusted."""
+    """Build an HTML table with a header row, escaping cell text unless it is marked trusted."""
     head = "".join(Cell(h).render("th") for h in headers)
     body = "\n".join("<tr>" + "".join(cell.render() for cell in row) + "</tr>" for row in rows)
     return f'<div class="table-wrap"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody></table></div>'
 
 
 def swatch(color: str, label: str) -> Cell:
-    """A table cell with a colour swatch that matches a trajectory's line colour."""
+    """Build a table cell with a colour swatch that matches a trajectory's line colour."""
     return Cell(
         f'<span class="swatch" style="background:{html.escape(color)}"></span>{html.escape(label)}',
         trusted_html=True,
@@ -123,7 +123,7 @@ def swatch(color: str, label: str) -> Cell:
 
 
 def plotly_script() -> str:
-    """The plotly.js bundle in one inline script tag, with its version in a comment."""
+    """Return the plotly.js bundle in one inline script tag, with its version in a comment."""
     source = plotly.offline.get_plotlyjs()
     # The bundle contains no "</script" today; guard so a future bundle cannot end the tag early.
     source = source.replace("</script", "<\\/script")

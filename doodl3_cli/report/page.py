@@ -59,7 +59,7 @@ def write_report(run: RunFolder) -> Path:
     RunFolderError
         When the run folder does not exist.
     ArtifactError
-        When trajectory.h5 is missing, unreadable or holds no trajectory.
+        When trajectory.h5 is missing, unreadable or contains no trajectory.
     """
     content = read_run_content(run)
     sections = [
@@ -109,7 +109,7 @@ def _slug(text: str) -> str:
 
 
 def _missing_note(content: RunContent, stage: str, what: str) -> str:
-    """The note that replaces a section whose artifact is missing or unreadable."""
+    """Return the note that replaces a section whose artifact is missing or unreadable."""
     return note(f"{what} is left out: {content.problems[stage]}.", command=content.command(stage))
 
 
@@ -123,7 +123,7 @@ def _format_attr(value: Any) -> str:
 
 
 def summary_section(content: RunContent) -> Section:
-    """Table of the runs: what distinguishes them, where they ended and how well."""
+    """Build the summary: one table row per run with its attributes, final loss and final basin and region."""
     section = Section(
         "summary", "1. Summary",
         "One row per recorded run. The final loss is each run's last checkpoint evaluated on the "
@@ -176,7 +176,7 @@ def summary_section(content: RunContent) -> Section:
 
 
 def _attr_columns(content: RunContent) -> list[str]:
-    """Trajectory attributes as columns: seed and learning rate first, then the rest by name."""
+    """Return the trajectory attributes to show as columns: seed and learning rate first, then the rest by name."""
     keys = {k for t in content.trajectories for k in t.attrs}
     first = [k for k in ("seed", "learning_rate", "lr") if k in keys]
     return first + sorted(keys - set(first))
@@ -196,6 +196,8 @@ def _basin_label(topology: SliceTopology | None, name: str) -> str:
         return "not assigned"
     if basin < 0:
         return "none (outside the grid or on a non-finite cell)"
+    if basin >= len(topology.minima):
+        return f"m{basin} (not in the minima table)"
     return f"m{basin} (minimum loss {format_number(topology.minima.value[basin])})"
 
 
@@ -228,7 +230,7 @@ def _path_ratio(content: RunContent, name: str) -> str:
 
 
 def landscape_section(content: RunContent) -> Section:
-    """Contour and surface of every slice with the trajectories on it."""
+    """Build the landscape section: contour and surface of every slice with the trajectories on it."""
     section = Section(
         "landscape", "2. The loss landscape slice",
         "The slice is a plane through parameter space; colours are the loss at each grid point of the plane. "
@@ -262,7 +264,7 @@ def landscape_section(content: RunContent) -> Section:
 
 
 def _residual_table(content: RunContent, landscape: LandscapeSlice) -> str:
-    """How far each run's checkpoints lie from the plane, next to their own and on-plane loss."""
+    """Tabulate how far each run's checkpoints lie from the plane, next to their own and on-plane loss."""
     headers = ["run", "max off-plane residual", "final residual", "final own loss", "final loss on the plane"]
     rows = []
     for index, trajectory in enumerate(content.trajectories):
@@ -284,7 +286,7 @@ def _residual_table(content: RunContent, landscape: LandscapeSlice) -> str:
 
 
 def topology_section(content: RunContent) -> Section:
-    """Persistence diagram and significant minima of every slice."""
+    """Build the topology section: persistence diagram and significant minima of every slice."""
     section = Section(
         "topology", "3. Topology",
         "Each point is a feature of the sublevel sets of the loss: H0 points are minima (born at their "
@@ -340,7 +342,7 @@ def _runs_by_label(content: RunContent, final: dict[str, int]) -> dict[int, list
 
 
 def dynamics_section(content: RunContent) -> Section:
-    """Morse sets, the Morse graph and the flow field of every slice."""
+    """Build the dynamics section: Morse sets, the Morse graph and the flow field of every slice."""
     section = Section(
         "dynamics", "4. Dynamics",
         "The negative gradient flow of the sampled loss, decomposed into Morse sets: recurrent sets of grid "
@@ -372,7 +374,11 @@ def _morse_table(content: RunContent, dynamics: SliceDynamics) -> str:
 
     rows = []
     for s in range(min(graph.n_sets, MAX_TABLE_ROWS)):
-        kind = "attractor" if graph.attractor[s] else ("repeller" if graph.repeller[s] else "")
+        kind = ""
+        if graph.attractor[s]:
+            kind = "attractor"
+        elif graph.repeller[s]:
+            kind = "repeller"
         rows.append([
             Cell(str(s)),
             Cell(kind),
@@ -394,7 +400,7 @@ def _morse_table(content: RunContent, dynamics: SliceDynamics) -> str:
 
 
 def diagnostics_section(content: RunContent) -> Section:
-    """Loss, speed and update cosine of every run over its training steps."""
+    """Build the diagnostics section: loss, speed and update cosine of every run over its steps."""
     section = Section(
         "diagnostics", "5. Training diagnostics",
         "Each run over its training steps: the loss, the speed (distance in parameter space per step) and "
@@ -418,7 +424,7 @@ def diagnostics_section(content: RunContent) -> Section:
 
 
 def provenance_section(content: RunContent) -> Section:
-    """Root attributes and slice settings of every artifact."""
+    """Build the provenance section: root attributes and slice settings of every artifact."""
     section = Section(
         "provenance", "6. Provenance",
         "Which doodl3 version wrote each artifact, when, with which settings, and the content id of each "
@@ -446,7 +452,7 @@ def provenance_section(content: RunContent) -> Section:
 
 
 def _input_lines(content: RunContent, upstream: Any) -> list[str]:
-    """One line per recorded input: its content id and whether the file still has it."""
+    """List each recorded input with its content id and whether the file still has that id."""
     if not isinstance(upstream, dict):
         return [f"unreadable upstream attribute: {upstream!r}"]
     lines = []
@@ -463,7 +469,7 @@ def _input_lines(content: RunContent, upstream: Any) -> list[str]:
 
 
 def _slice_attributes(content: RunContent) -> dict[str, dict[str, dict[str, Any]]]:
-    """Slice attributes by artifact file name and slice name: how each grid was sampled and analysed."""
+    """Collect the slice attributes by artifact file name and slice name: how each grid was sampled and analysed."""
     found: dict[str, dict[str, dict[str, Any]]] = {}
     for landscape in content.landscapes:
         found.setdefault("landscape.h5", {})[landscape.name] = landscape.attrs
@@ -479,7 +485,7 @@ def _slice_attributes(content: RunContent) -> dict[str, dict[str, dict[str, Any]
 
 
 def key_value_cell(values: Any) -> Cell:
-    """A table cell listing a mapping as ``key = value`` lines, values as JSON."""
+    """Build a table cell that lists a mapping as ``key = value`` lines, with values as JSON."""
     if not isinstance(values, dict):
         return _lines_cell([json.dumps(_plain(values), sort_keys=True)])
     if not values:

@@ -161,9 +161,11 @@ def test_cell_scc_marks_only_recurrent_boxes():
 
     scc = result.cell_scc[0]
     assert scc[0] == scc[1] >= 0
-    assert scc[3] >= 0 and scc[4] >= 0
+    assert scc[3] >= 0
+    assert scc[4] >= 0
     assert len({scc[0], scc[3], scc[4]}) == 3
-    assert scc[2] == -1 and scc[5] == -1
+    assert scc[2] == -1
+    assert scc[5] == -1
 
 
 def test_chain_order_and_hasse_edges():
@@ -244,12 +246,12 @@ def test_images_outside_the_grid_are_clipped():
     beta = np.linspace(0.0, 1.0, 6)
     domain = np.ones((6, 6), dtype=bool)
 
-    gone = outer_approximation(alpha, beta, constant_map(np.array([5.0, 0.5])), domain)
+    outside = outer_approximation(alpha, beta, constant_map(np.array([5.0, 0.5])), domain)
     straddling = outer_approximation(alpha, beta, lambda p: (p + [0.5, 0.0], np.zeros(len(p))), domain)
 
     # A shift of 2.5 cells: boxes 3 straddle the right edge and keep the part inside,
     # boxes 4 and 5 leave entirely.
-    assert gone.nnz == 0
+    assert outside.nnz == 0
     rows, cols = straddling.tocoo().row // 6, straddling.tocoo().col // 6
     np.testing.assert_array_equal(np.unique(cols[rows == 3]), [5])
     np.testing.assert_array_equal(np.unique(rows), [0, 1, 2, 3])

@@ -68,11 +68,12 @@ def test_repeated_step_has_no_speed():
 
 
 def test_short_trajectories():
-    one = update_diagnostics("one", np.ones((1, 3)), np.array([7]))
+    single = update_diagnostics("single", np.ones((1, 3)), np.array([7]))
     empty = update_diagnostics("empty", np.ones((0, 3)), np.zeros(0, dtype=np.int64))
 
-    assert np.isnan(one.step_length).all() and np.isnan(one.cosine).all()
-    assert np.isnan(one.path_over_displacement)
+    assert np.isnan(single.step_length).all()
+    assert np.isnan(single.cosine).all()
+    assert np.isnan(single.path_over_displacement)
     assert empty.step.shape == (0,)
     assert np.isnan(empty.path_over_displacement)
 

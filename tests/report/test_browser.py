@@ -20,7 +20,7 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} not found (apt-get install chromium)"),
 ]
 
-# Per figure div: how many plotly SVG roots and WebGL canvases it holds once drawn.
+# Per figure div: the number of plotly SVG roots and WebGL canvases it contains once drawn.
 RENDERED = """() => Array.from(document.querySelectorAll('div.figure')).map(div => ({
     id: div.id,
     svg: div.querySelectorAll('.main-svg').length,

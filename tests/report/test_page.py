@@ -247,7 +247,9 @@ def test_nonfinite_cells_are_masked_and_counted(run_copy):
     assert f"3 of {cells} grid cells are NaN or infinite and are left blank" in _title(contour_layout)
     assert f"3 of {cells} grid cells are NaN or infinite and are left blank" in _title(surface_layout)
     z = contour_data[0]["z"]
-    assert z[0][0] is None and z[1][0] is None and z[0][-1] is None
+    assert z[0][0] is None
+    assert z[1][0] is None
+    assert z[0][-1] is None
     assert sum(value is None for row in z for value in row) == 3
     finite = loss[np.isfinite(loss)]
     assert contour_data[0]["zmin"] == pytest.approx(finite.min())
