@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from doodl3_cli import zoo
 from doodl3_cli.errors import RunFolderError
 from doodl3_cli.record import Recorder
-from doodl3_cli.runfolder import CONFIG_NAME, RunFolder
+from doodl3_cli.runfolder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +116,19 @@ def prepare_demo_run(path: Path, options: DemoOptions, *, progress=None) -> RunF
     Raises
     ------
     RunFolderError
-        When the folder already holds a trajectory.h5: the demo never overwrites
-        recorded work.
+        When the folder already holds a trajectory.h5, or a doodl3.toml other than
+        the demo's: the demo never overwrites the user's work.
     """
     run = RunFolder(path)
     if run.trajectory.exists():
         raise RunFolderError(
             f"{run.trajectory}: already exists; pass a new folder to `doodl3 demo` or run "
             f"`doodl3 run {run.path}` to reanalyse it"
+        )
+    demo_config = DEMO_CONFIG.format(hidden=", ".join(str(h) for h in options.hidden))
+    if run.config_path.exists() and run.config_path.read_text(encoding="utf-8", errors="replace") != demo_config:
+        raise RunFolderError(
+            f"{run.config_path}: already exists and is not the demo's configuration; pass a new folder to `doodl3 demo`"
         )
     run.path.mkdir(parents=True, exist_ok=True)
     write_demo_config(run, options)

@@ -1,16 +1,21 @@
 """Batched evaluation of a model at many parameter points.
 
 The evaluation set is materialised once on the device. Parameter points are
-evaluated many at a time with ``torch.func.functional_call`` under ``torch.vmap``;
-models that cannot be vectorised fall back to one point at a time. Losses are
-accumulated in float64, weighted by batch size, so the result is the mean loss over
-the whole evaluation set.
+evaluated many at a time: an ``nn.Sequential`` of ``nn.Linear`` layers and
+elementwise activations with one batched matrix product per layer, any other
+model with ``torch.func.functional_call`` under ``torch.vmap``, and models that
+cannot be vectorised one point at a time. On a plane, a first ``nn.Linear`` layer
+is evaluated from three products computed once (see `Evaluator.evaluate_plane`).
+Losses of groups of samples are accumulated in float64, weighted by group size,
+so the result is the mean loss over the whole evaluation set, and their spread
+gives its standard error.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -106,8 +111,67 @@ def build_setup(config: RunConfig, *, base: Path, device: str | None = None) -> 
     return EvaluationSetup(model.to(resolved).eval(), inputs.to(resolved), targets.to(resolved), loss_fn, config.batch_size, resolved)
 
 
+BATCHNORM_POLICIES = ("fixed", "recompute")
+# The loss is computed on at least this many groups of samples (when there are
+# that many samples), so that its standard error can be estimated from the
+# per-group losses. Groups subdivide the forward batches: they add loss calls,
+# not forward passes.
+MIN_GROUPS = 16
+
+
+@dataclass
+class Evaluation:
+    """Metrics of K parameter points on the whole evaluation set.
+
+    Attributes
+    ----------
+    loss : ndarray of shape (K,), float64
+        Mean loss over the samples, accumulated in float64.
+    loss_stderr : ndarray of shape (K,), float64
+        Standard error of `loss`, estimated from the per-batch losses (NaN with one batch).
+    accuracy : ndarray of shape (K,), float64, or None
+        Fraction of correct argmax predictions, for classifiers only.
+    """
+
+    loss: np.ndarray
+    loss_stderr: np.ndarray
+    accuracy: np.ndarray | None
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """Return the metrics by name: ``loss``, ``loss_stderr`` and, for classifiers, ``accuracy``."""
+        out = {"loss": self.loss, "loss_stderr": self.loss_stderr}
+        if self.accuracy is not None:
+            out["accuracy"] = self.accuracy
+        return out
+
+
+def batch_stderr(batch_losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Estimate the standard error of a weighted mean of per-batch mean losses.
+
+    With batch weights w_b = n_b / N (summing to 1), batch losses l_b and their
+    weighted mean L, the estimate is sqrt(B / (B - 1) * sum_b w_b^2 (l_b - L)^2),
+    the usual cluster estimator of the variance of a mean over B batches.
+
+    Parameters
+    ----------
+    batch_losses : Tensor of shape (K, B), float64
+    weights : Tensor of shape (B,), float64
+
+    Returns
+    -------
+    Tensor of shape (K,), float64
+        NaN when B is 1.
+    """
+    count = batch_losses.shape[1]
+    if count < 2:
+        return torch.full(batch_losses.shape[:1], float("nan"), dtype=torch.float64, device=batch_losses.device)
+    mean = batch_losses @ weights
+    spread = ((batch_losses - mean[:, None]) ** 2) @ (weights**2)
+    return torch.sqrt(spread * count / (count - 1))
+
+
 class Evaluator:
-    """Evaluate loss (and accuracy, for classifiers) at parameter points.
+    """Evaluate loss, its standard error and (for classifiers) accuracy at parameter points.
 
     Parameters
     ----------
@@ -116,49 +180,66 @@ class Evaluator:
         Flattening of the model's parameters; points are vectors in this layout.
     buffer_layout : Layout
     buffers : ndarray of shape (B,)
-        Buffers (BatchNorm running statistics) held fixed at every point.
+        Buffers (BatchNorm running statistics) of the center; used at every point
+        under the ``fixed`` policy.
     points_per_pass : int
         Parameter points evaluated in one vectorised forward pass.
+    batchnorm : {"fixed", "recompute"}
+        ``fixed`` evaluates every point with `buffers`. ``recompute`` re-estimates
+        the running statistics of every BatchNorm layer at each point from
+        `recompute_samples` samples of the evaluation set (a seeded subset), then
+        evaluates with them. Neither policy changes the model's own buffers.
+    recompute_samples : int
+        Size of the subset used by the ``recompute`` policy.
+    seed : int
+        Seed of the subset used by the ``recompute`` policy.
+
+    Raises
+    ------
+    ConfigError
+        When `batchnorm` is not a known policy.
     """
 
-    def __init__(self, setup: EvaluationSetup, layout: Layout, buffer_layout: Layout, buffers: np.ndarray, *, points_per_pass: int = 64):
+    def __init__(
+        self, setup: EvaluationSetup, layout: Layout, buffer_layout: Layout, buffers: np.ndarray, *,
+        points_per_pass: int = 64, batchnorm: str = "fixed", recompute_samples: int = 256, seed: int = 0,
+    ):
+        if batchnorm not in BATCHNORM_POLICIES:
+            raise ConfigError(f"--batchnorm {batchnorm!r}: invalid policy; use one of {', '.join(BATCHNORM_POLICIES)}")
         self.setup = setup
         self.layout = layout
         self.points_per_pass = max(1, int(points_per_pass))
+        self.batchnorm = batchnorm
         device = setup.device
         buffer_vector = torch.as_tensor(np.asarray(buffers, dtype=np.float32), device=device)
         self.buffers = {
-            e.name: buffer_vector[e.offset : e.offset + e.numel].reshape(e.shape) for e in buffer_layout.entries
+            e.name: buffer_vector[e.offset : e.offset + e.numel].reshape(e.shape).clone() for e in buffer_layout.entries
         }
-        model_buffers = dict(setup.model.named_buffers())
-        for name, value in model_buffers.items():
-            self.buffers.setdefault(name, value)
-        self._vectorised = True
+        for name, value in setup.model.named_buffers():
+            self.buffers.setdefault(name, value.detach().clone())
+        # vmap turns a convolution at K points into a grouped convolution, which is
+        # slower per point on CPU than K small ones, so models with convolutions loop.
+        self._vectorised = not any(isinstance(m, nn.modules.conv._ConvNd) for m in setup.model.modules())
         self._is_classifier: bool | None = None
+        self._batches = _split(setup.inputs.shape[0], setup.batch_size)
+        group_size = -(-setup.inputs.shape[0] // MIN_GROUPS)
+        self._groups = [_split(stop - start, group_size) for start, stop in self._batches]
+        self._plane_cache: dict | None = None
 
-    def _unflatten(self, points: torch.Tensor) -> dict[str, torch.Tensor]:
-        k = points.shape[0]
-        return {e.name: points[:, e.offset : e.offset + e.numel].reshape(k, *e.shape) for e in self.layout.entries}
+        self._norm_layers = [
+            (name, m) for name, m in setup.model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]
+        n = setup.inputs.shape[0]
+        generator = torch.Generator().manual_seed(int(seed))
+        subset = torch.randperm(n, generator=generator)[: min(int(recompute_samples), n)].sort().values
+        self._recompute_inputs = setup.inputs[subset.to(setup.inputs.device)]
+        self.recompute_samples = int(subset.numel())
 
-    def _batch_vectorised(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-        model, loss_fn = self.setup.model, self.setup.loss_fn
-
-        def one_point(p: dict[str, torch.Tensor]):
-            out = functional_call(model, (p, self.buffers), (x,))
-            return loss_fn(out, y), out
-
-        return torch.vmap(one_point)(params)
-
-    def _batch_loop(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-        model, loss_fn = self.setup.model, self.setup.loss_fn
-        losses, outputs = [], []
-        k = next(iter(params.values())).shape[0]
-        for i in range(k):
-            p = {name: value[i] for name, value in params.items()}
-            out = functional_call(model, (p, self.buffers), (x,))
-            losses.append(loss_fn(out, y))
-            outputs.append(out)
-        return torch.stack(losses), torch.stack(outputs)
+    @property
+    def batch_count(self) -> int:
+        """Number of sample groups whose losses give the standard error of the loss."""
+        return sum(len(groups) for groups in self._groups)
 
     def evaluate(self, points: np.ndarray) -> dict[str, np.ndarray]:
         """Evaluate every point on the whole evaluation set.
@@ -171,48 +252,274 @@ class Evaluator:
         Returns
         -------
         dict of str to ndarray of shape (K,), float64
-            ``loss`` (mean over samples) and, for classifiers (outputs [N, C] with
-            integer targets), ``accuracy`` in [0, 1]. Non-finite losses stay non-finite.
+            ``loss`` (mean over samples), ``loss_stderr`` and, for classifiers
+            (outputs [N, C] with integer targets), ``accuracy`` in [0, 1].
+            Non-finite losses stay non-finite.
+
+        Raises
+        ------
+        EvaluationError
+            When `points` has the wrong shape or the model fails.
         """
         points = np.asarray(points, dtype=np.float32)
         if points.ndim != 2 or points.shape[1] != self.layout.size:
             raise EvaluationError(f"points must have shape (K, {self.layout.size}), got {points.shape}")
-        results: dict[str, list[np.ndarray]] = {"loss": [], "accuracy": []}
+        parts = []
         for start in range(0, points.shape[0], self.points_per_pass):
             chunk = torch.as_tensor(points[start : start + self.points_per_pass], device=self.setup.device)
-            loss, accuracy = self._evaluate_chunk(chunk)
-            results["loss"].append(loss)
-            results["accuracy"].append(accuracy)
-        out = {"loss": np.concatenate(results["loss"])}
-        if self._is_classifier:
-            out["accuracy"] = np.concatenate(results["accuracy"])
-        return out
+            parts.append(self._evaluate_chunk(self._unflatten(chunk), chunk.shape[0], first_layer=None))
+        return _concatenate(parts).as_dict()
+
+    def loss_function(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Return the mean loss over the evaluation set as a differentiable function of a flat parameter vector.
+
+        The function runs in float64 (parameters, buffers and floating-point
+        inputs cast), with the buffers of this evaluator held fixed, so it can be
+        differentiated with ``torch.func`` (gradients, Hessian-vector products).
+
+        Returns
+        -------
+        callable
+            Maps a float64 Tensor of shape (P,) to a float64 scalar Tensor.
+        """
+        model, loss_fn = self.setup.model, self.setup.loss_fn
+        device = self.setup.device
+        buffers = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in self.buffers.items()}
+        inputs = self.setup.inputs.to(torch.float64) if self.setup.inputs.is_floating_point() else self.setup.inputs
+        targets = self.setup.targets.to(torch.float64) if self.setup.targets.is_floating_point() else self.setup.targets
+        n = inputs.shape[0]
+        entries = self.layout.entries
+
+        def mean_loss(vector: torch.Tensor) -> torch.Tensor:
+            vector = vector.to(device)
+            params = {e.name: vector[e.offset : e.offset + e.numel].reshape(e.shape) for e in entries}
+            total = vector.new_zeros(())
+            for start, stop in self._batches:
+                out = functional_call(model, (params, buffers), (inputs[start:stop],))
+                total = total + loss_fn(out, targets[start:stop]) * ((stop - start) / n)
+            return total
+
+        return mean_loss
+
+    def evaluate_plane(self, center: np.ndarray, directions: np.ndarray, coefficients: np.ndarray) -> dict[str, np.ndarray]:
+        """Evaluate the points ``center + coefficients @ directions``.
+
+        Equal to ``evaluate`` on those points up to float32 rounding. When the
+        model is an ``nn.Sequential`` whose first layer is ``nn.Linear`` and the
+        policy is ``fixed``, the first layer's output at W0 + a D1 + b D2 is formed
+        as W0 x + a D1 x + b D2 x from three products computed once per batch, so
+        the first layer costs no matrix product per point.
+
+        Parameters
+        ----------
+        center : ndarray of shape (P,)
+        directions : ndarray of shape (2, P)
+        coefficients : ndarray of shape (K, 2)
+            (alpha, beta) of each point.
+
+        Returns
+        -------
+        dict of str to ndarray of shape (K,), float64
+            As for `evaluate`.
+        """
+        center = np.asarray(center, dtype=np.float64)
+        directions = np.asarray(directions, dtype=np.float64)
+        coefficients = np.asarray(coefficients, dtype=np.float64).reshape(-1, 2)
+        points = (center[None, :] + coefficients @ directions).astype(np.float32)
+        first = self._first_linear()
+        if first is None or self.batchnorm != "fixed" or not self._vectorised:
+            return self.evaluate(points)
+
+        cache = self._plane_products(first, center, directions)
+        parts = []
+        for start in range(0, points.shape[0], self.points_per_pass):
+            chunk = torch.as_tensor(points[start : start + self.points_per_pass], device=self.setup.device)
+            coeff = torch.as_tensor(
+                coefficients[start : start + self.points_per_pass], dtype=torch.float32, device=self.setup.device
+            )
+            params = self._unflatten(chunk)
+            try:
+                parts.append(self._evaluate_chunk(params, chunk.shape[0], first_layer=(cache, coeff)))
+            except (RuntimeError, NotImplementedError, ValueError) as exc:
+                log.warning("the layers after the first cannot be vectorised (%s); evaluating one point at a time",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self._vectorised = False
+                return self.evaluate(points)
+        return _concatenate(parts).as_dict()
+
+    def _first_linear(self) -> str | None:
+        model = self.setup.model
+        if not isinstance(model, nn.Sequential) or len(model) < 2:
+            return None
+        name, module = next(iter(model.named_children()))
+        if not isinstance(module, nn.Linear):
+            return None
+        return name
+
+    def _plane_products(self, first: str, center: np.ndarray, directions: np.ndarray) -> dict:
+        key = (first, center.tobytes(), directions.tobytes())
+        if self._plane_cache is not None and self._plane_cache["key"] == key:
+            return self._plane_cache
+
+        def layer_params(vector: np.ndarray) -> dict[str, torch.Tensor]:
+            tensor = torch.as_tensor(vector.astype(np.float32), device=self.setup.device)
+            return {
+                e.name.partition(".")[2]: tensor[e.offset : e.offset + e.numel].reshape(e.shape)
+                for e in self.layout.entries if e.name.partition(".")[0] == first
+            }
+
+        module = self.setup.model.get_submodule(first)
+        outputs = []
+        with torch.no_grad():
+            for start, stop in self._batches:
+                x = self.setup.inputs[start:stop]
+                base = functional_call(module, layer_params(center), (x,))
+                along = [functional_call(module, layer_params(d), (x,)) for d in directions]
+                outputs.append((base, torch.stack(along).reshape(2, -1)))
+        rest = nn.Sequential(OrderedDict(list(self.setup.model.named_children())[1:])).train(self.setup.model.training)
+        self._plane_cache = {"key": key, "outputs": outputs, "rest": rest, "first": first}
+        return self._plane_cache
+
+    def _unflatten(self, points: torch.Tensor) -> dict[str, torch.Tensor]:
+        k = points.shape[0]
+        return {e.name: points[:, e.offset : e.offset + e.numel].reshape(k, *e.shape) for e in self.layout.entries}
 
     @torch.no_grad()
-    def _evaluate_chunk(self, chunk: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        params = self._unflatten(chunk)
-        inputs, targets, batch_size = self.setup.inputs, self.setup.targets, self.setup.batch_size
+    def _evaluate_chunk(self, params: dict[str, torch.Tensor], k: int, *, first_layer) -> Evaluation:
+        inputs, targets = self.setup.inputs, self.setup.targets
         n = inputs.shape[0]
-        k = chunk.shape[0]
-        loss_sum = torch.zeros(k, dtype=torch.float64, device=chunk.device)
-        correct = torch.zeros(k, dtype=torch.float64, device=chunk.device)
+        device = inputs.device
+        sizes = [stop - start for groups in self._groups for start, stop in groups]
+        weights = torch.tensor(sizes, dtype=torch.float64, device=device) / n
+        group_losses = []
+        correct = torch.zeros(k, dtype=torch.float64, device=device)
+        buffers = self._point_buffers(params, k)
 
-        for start in range(0, n, batch_size):
-            x = inputs[start : start + batch_size]
-            y = targets[start : start + batch_size]
-            loss, outputs = self._forward(params, x, y)
-            loss_sum += loss.to(torch.float64).reshape(k) * x.shape[0]
+        for b, (start, stop) in enumerate(self._batches):
+            x = inputs[start:stop]
+            y = targets[start:stop]
+            if first_layer is not None:
+                outputs = self._forward_plane(params, first_layer, b)
+            else:
+                outputs = self._forward(params, buffers, x)
+            group_losses += self._group_losses(outputs, y, self._groups[b])
             if self._is_classifier is None:
                 self._is_classifier = outputs.ndim == 3 and not y.is_floating_point() and y.ndim == 1
             if self._is_classifier:
                 correct += (outputs.argmax(dim=-1) == y).sum(dim=-1).to(torch.float64)
 
-        return (loss_sum / n).cpu().numpy(), (correct / n).cpu().numpy()
+        losses = torch.stack(group_losses, dim=1).to(torch.float64).reshape(k, -1)
+        return Evaluation(
+            loss=(losses @ weights).cpu().numpy(),
+            loss_stderr=batch_stderr(losses, weights).cpu().numpy(),
+            accuracy=(correct / n).cpu().numpy() if self._is_classifier else None,
+        )
 
-    def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor):
-        if self._vectorised:
+    def _group_losses(self, outputs: torch.Tensor, y: torch.Tensor, groups: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Return the mean loss of every group of one batch, each a Tensor of shape (K,).
+
+        Groups of equal size go through one vectorised loss call, with points and
+        groups flattened into one batch dimension; a shorter last group gets its own.
+        """
+        k = outputs.shape[0]
+        size = groups[0][1] - groups[0][0]
+        full = [g for g in groups if g[1] - g[0] == size]
+        rest = groups[len(full):]
+        stop = len(full) * size
+        stacked = outputs[:, :stop].reshape(k * len(full), size, *outputs.shape[2:])
+        targets = y[:stop].reshape(len(full), size, *y.shape[1:]).repeat(k, *([1] * y.ndim))
+        losses = self._vmapped_loss(stacked, targets).reshape(k, len(full))
+        out = [losses[:, g] for g in range(len(full))]
+        for start, end in rest:
+            part = outputs[:, start:end]
+            out.append(self._vmapped_loss(part, y[start:end].expand(k, *y[start:end].shape)).reshape(k))
+        return out
+
+    def _vmapped_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss_fn = self.setup.loss_fn
+        try:
+            return torch.vmap(loss_fn)(outputs, targets)
+        except (RuntimeError, NotImplementedError, ValueError):
+            return torch.stack([loss_fn(outputs[i], targets[i]).reshape(()) for i in range(outputs.shape[0])])
+
+    def _point_buffers(self, params: dict[str, torch.Tensor], k: int) -> list[dict[str, torch.Tensor]] | None:
+        if self.batchnorm == "fixed":
+            return None
+        if self.batchnorm == "recompute":
+            return [self._recompute_buffers({name: value[i] for name, value in params.items()}) for i in range(k)]
+        raise ConfigError(f"--batchnorm {self.batchnorm!r}: invalid policy; use one of {', '.join(BATCHNORM_POLICIES)}")
+
+    def _recompute_buffers(self, point: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        buffers = {name: value.clone() for name, value in self.buffers.items()}
+        if not self._norm_layers:
+            return buffers
+        for name, module in self._norm_layers:
+            prefix = f"{name}." if name else ""
+            buffers[prefix + "running_mean"].zero_()
+            buffers[prefix + "running_var"].fill_(1.0)
+            buffers[prefix + "num_batches_tracked"] = torch.zeros((), dtype=torch.long, device=self.setup.device)
+
+        # momentum None makes BatchNorm keep a cumulative average over the batches seen.
+        saved = [(module, module.training, module.momentum) for _, module in self._norm_layers]
+        try:
+            for module, _, _ in saved:
+                module.train()
+                module.momentum = None
+            subset = self._recompute_inputs
+            for start in range(0, subset.shape[0], self.setup.batch_size):
+                functional_call(self.setup.model, (point, buffers), (subset[start : start + self.setup.batch_size],))
+        except Exception as exc:  # user model code may raise anything
+            raise EvaluationError(
+                f"re-estimating the BatchNorm statistics failed ({type(exc).__name__}: {exc}); "
+                "check the [model] factory in doodl3.toml or use --batchnorm fixed"
+            ) from exc
+        finally:
+            for module, training, momentum in saved:
+                module.train(training)
+                module.momentum = momentum
+        return buffers
+
+    def _forward_plane(self, params: dict[str, torch.Tensor], first_layer, batch: int) -> torch.Tensor:
+        cache, coeff = first_layer
+        base, products = cache["outputs"][batch]
+        # One matrix product forms W0 x + a D1 x + b D2 x for every point of the chunk.
+        hidden = torch.addmm(base.reshape(1, -1), coeff, products).reshape(coeff.shape[0], *base.shape)
+        prefix = cache["first"] + "."
+        rest_params = {name: value for name, value in params.items() if not name.startswith(prefix)}
+        rest = cache["rest"]
+
+        if _is_linear_stack(rest):
+            return _linear_stack_forward(rest, rest_params, hidden)
+
+        def one_point(p: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+            return functional_call(rest, (p, self.buffers), (h,))
+
+        return torch.vmap(one_point)(rest_params, hidden)
+
+    def _batch_vectorised(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        model = self.setup.model
+        if _is_linear_stack(model):
+            return _linear_stack_forward(model, params, x)
+
+        def one_point(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return functional_call(model, (p, self.buffers), (x,))
+
+        return torch.vmap(one_point)(params)
+
+    def _batch_loop(self, params: dict[str, torch.Tensor], buffers, x: torch.Tensor) -> torch.Tensor:
+        model = self.setup.model
+        k = next(iter(params.values())).shape[0]
+        outputs = []
+        for i in range(k):
+            p = {name: value[i] for name, value in params.items()}
+            outputs.append(functional_call(model, (p, buffers[i] if buffers is not None else self.buffers), (x,)))
+        return torch.stack(outputs)
+
+    def _forward(self, params: dict[str, torch.Tensor], buffers, x: torch.Tensor) -> torch.Tensor:
+        """Return the model outputs at every point of the chunk, a Tensor of shape (K, n, ...)."""
+        if self._vectorised and buffers is None:
             try:
-                return self._batch_vectorised(params, x, y)
+                return self._batch_vectorised(params, x)
             except (RuntimeError, NotImplementedError, ValueError) as exc:
                 log.warning(
                     "the model cannot be evaluated at many points per pass (%s); falling back to one point at a time",
@@ -220,9 +527,68 @@ class Evaluator:
                 )
                 self._vectorised = False
         try:
-            return self._batch_loop(params, x, y)
+            return self._batch_loop(params, buffers, x)
         except Exception as exc:  # user model code may raise anything
             raise EvaluationError(
                 f"evaluating the model failed ({type(exc).__name__}: {exc}); check the [model], [data] and [loss] "
                 "factories in doodl3.toml"
             ) from exc
+
+
+# Modules that act elementwise (or not at all, in eval mode) on any tensor shape.
+ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus, nn.Identity, nn.Dropout)
+
+
+def _is_linear_stack(model: nn.Module) -> bool:
+    """True for an nn.Sequential of nn.Linear and elementwise activations, in eval mode, with no buffers."""
+    return (
+        isinstance(model, nn.Sequential)
+        and not any(m.training for m in model)
+        and any(isinstance(m, nn.Linear) for m in model)
+        and all(type(m) is nn.Linear or type(m) in ELEMENTWISE for m in model)
+    )
+
+
+def _linear_stack_forward(model: nn.Sequential, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Evaluate a linear stack at K parameter points with batched matrix products.
+
+    The same arithmetic as ``vmap(functional_call)`` without its per-operator
+    overhead: each layer is one ``baddbmm`` over the K points.
+
+    Parameters
+    ----------
+    params : dict of str to Tensor of shape (K, ...)
+    x : Tensor of shape (n, in) shared by all points, or (K, n, in)
+
+    Returns
+    -------
+    Tensor of shape (K, n, out)
+    """
+    k = next(iter(params.values())).shape[0]
+    h = x if x.ndim == 3 else x.expand(k, *x.shape)
+    for name, module in model.named_children():
+        if type(module) is nn.Linear:
+            weight = params[f"{name}.weight"]
+            bias = params.get(f"{name}.bias")
+            if bias is None:
+                h = torch.bmm(h, weight.transpose(1, 2))
+            else:
+                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+        else:
+            h = module(h)
+    return h
+
+
+def _split(n: int, size: int) -> list[tuple[int, int]]:
+    """Return (start, stop) of consecutive pieces of range(n) of at most `size` items."""
+    size = max(1, int(size))
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _concatenate(parts: list[Evaluation]) -> Evaluation:
+    accuracy = [p.accuracy for p in parts]
+    return Evaluation(
+        loss=np.concatenate([p.loss for p in parts]),
+        loss_stderr=np.concatenate([p.loss_stderr for p in parts]),
+        accuracy=None if any(a is None for a in accuracy) else np.concatenate(accuracy),
+    )

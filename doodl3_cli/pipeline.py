@@ -58,15 +58,21 @@ def run_pipeline(
     options: PipelineOptions,
     *,
     force: bool = False,
+    force_stages: frozenset[str] = frozenset(),
     progress: ProgressFactory | None = None,
     on_stage: Callable[[str, Path], None] | None = None,
 ) -> list[str]:
     """Run every analysis stage whose artifact is missing or stale.
 
+    Staleness is checked again before each stage, so a stage that reruns makes
+    every stage that reads its artifact rerun too.
+
     Parameters
     ----------
     force : bool
         Rerun every stage, even those that are up to date.
+    force_stages : frozenset of str
+        Stages to rerun even when up to date, e.g. because their options changed.
     on_stage : callable, optional
         Called as ``on_stage(stage, artifact_path)`` after each stage.
 
@@ -79,16 +85,22 @@ def run_pipeline(
     ------
     ArtifactError
         When trajectory.h5 is missing: nothing can be analysed before `record`.
+    ValueError
+        When `force_stages` names an unknown stage.
     """
+    unknown = set(force_stages) - set(ANALYSIS_STAGES)
+    if unknown:
+        raise ValueError(f"force_stages must be among {', '.join(ANALYSIS_STAGES)}, got {sorted(unknown)}")
     run.require_exists()
     if not run.trajectory.is_file():
         raise ArtifactError(
             f"{run.trajectory}: not found; record checkpoints first with `doodl3 record {run.path} --from DIR`"
         )
-    stages = list(ANALYSIS_STAGES) if force else run.stale_stages()
-    ran = []
+
+    ran: list[str] = []
     for stage in ANALYSIS_STAGES:
-        if stage not in stages:
+        report_outdated = stage == "report" and bool(ran)
+        if not (force or report_outdated or stage in force_stages or stage in run.stale_stages()):
             log.info("%s is up to date", stage)
             continue
         log.info("running %s", stage)

@@ -17,16 +17,22 @@ from torch import nn
 from doodl3_cli.artifacts.trajectory import Layout, TrajectoryWriter, read_layouts
 from doodl3_cli.checkpoints import (
     CHECKPOINT_SUFFIXES,
+    MAX_KEYS_IN_MESSAGE,
     STEP_KEYS,
-    file_digest,
+    Checkpoint,
+    checkpoint_digest,
     flatten_model,
-    load_checkpoint,
+    is_checkpoint_folder,
     match_layout,
     model_layouts,
     natural_key,
+    read_checkpoint,
+    read_training_fields,
+    shared_storage_aliases,
     step_from_name,
+    tied_aliases,
 )
-from doodl3_cli.errors import CheckpointError, RunFolderError
+from doodl3_cli.errors import CheckpointError, ConfigError, RunFolderError
 from doodl3_cli.runfolder import RunFolder, call_factory
 
 log = logging.getLogger(__name__)
@@ -118,42 +124,185 @@ class IngestResult:
     total: int
 
 
+ORDERS = ("auto", "step", "name", "mtime")
+
+
+@dataclass
+class PlannedCheckpoint:
+    """One checkpoint file or folder with its place in training."""
+
+    path: Path
+    step: int
+    epoch: float
+
+
+@dataclass
+class ModelLayouts:
+    """Layouts and tied-weight aliases that each checkpoint of a trajectory is matched against."""
+
+    layout: Layout
+    buffer_layout: Layout
+    aliases: dict[str, list[str]]
+
+    @property
+    def names(self) -> list[str]:
+        """Parameter and buffer names of the model."""
+        return self.layout.names + self.buffer_layout.names
+
+    def flatten(self, checkpoint: Checkpoint, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """Return the checkpoint's float32 (parameters [P], buffers [B]); raise CheckpointError on a mismatch."""
+        params = match_layout(checkpoint.state, self.layout, path=path, aliases=self.aliases)
+        if not self.buffer_layout.entries:
+            return params, np.empty(0, np.float32)
+        return params, match_layout(checkpoint.state, self.buffer_layout, path=path, what="buffers")
+
+
 def find_checkpoints(source: Path) -> list[Path]:
-    """Return the checkpoint files directly inside `source`, in natural name order."""
+    """Return the checkpoints directly inside `source`, in natural name order.
+
+    A checkpoint is a file ending in one of `CHECKPOINT_SUFFIXES` or a folder holding
+    one model's weights (a Hugging Face ``checkpoint-N/``, a sharded safetensors index).
+    """
     if not source.is_dir():
         raise RunFolderError(f"--from {source}: not a directory; pass the folder that holds the checkpoints")
-    files = [p for p in source.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES]
-    if not files:
+    if is_checkpoint_folder(source):
         raise CheckpointError(
-            f"--from {source}: no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) found; "
-            "point --from at the folder the training loop saves into"
+            f"--from {source}: is one checkpoint folder (it contains a model's weights), not a folder of "
+            f"checkpoints; pass its parent, --from {source.resolve().parent}"
         )
-    return sorted(files, key=lambda p: natural_key(p.name))
+    found = [p for p in source.iterdir() if _is_checkpoint(p)]
+    if not found:
+        raise CheckpointError(
+            f"--from {source}: no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) or checkpoint folders "
+            "found; point --from at the folder the training loop saves into"
+        )
+    return sorted(found, key=lambda p: natural_key(p.name))
 
 
-def _checkpoint_step(path: Path, meta: dict[str, Any]) -> tuple[int | None, float]:
-    epoch = float(meta["epoch"]) if "epoch" in meta else float("nan")
+def _is_checkpoint(path: Path) -> bool:
+    if path.name.startswith("."):
+        return False
+    return (path.is_file() and path.suffix in CHECKPOINT_SUFFIXES) or is_checkpoint_folder(path)
+
+
+def stored_step(meta: dict[str, Any]) -> int | None:
+    """Return the training step stored under one of `STEP_KEYS` in a checkpoint's fields, or None."""
     for key in STEP_KEYS:
         if key in meta:
-            return int(meta[key]), epoch
-    return step_from_name(path.name), epoch
+            return int(meta[key])
+    return None
 
 
-def _layouts_for(run: RunFolder, first_state: dict[str, torch.Tensor]) -> tuple[Layout, Layout]:
+def plan_order(paths: list[Path], *, order: str = "auto", trust: bool = False) -> list[PlannedCheckpoint]:
+    """Put checkpoints in training order and give each its step.
+
+    ``auto`` orders by the step stored in each checkpoint (``global_step``, ``step``,
+    ``iteration``, or ``trainer_state.json``), else by the last number in the file
+    name, else by a whole-number ``epoch`` field. ``step`` uses only the stored step.
+    ``name`` orders by file name with numbers compared as numbers, and ``mtime`` by
+    modification time. Their steps are the numbers in the names (``name``) or the
+    stored steps (``mtime``) when every checkpoint has one, else the positions 0, 1, ...
+
+    Raises
+    ------
+    CheckpointError
+        When no order applies to every checkpoint, or two checkpoints share a step.
+    """
+    fields = {p: read_training_fields(p, trust=trust) for p in paths}
+    epochs = {p: float(fields[p]["epoch"]) if "epoch" in fields[p] else float("nan") for p in paths}
+    stored = {p: stored_step(fields[p]) for p in paths}
+    named = {p: step_from_name(p.name) for p in paths}
+
+    if order in ("name", "mtime"):
+        if order == "name":
+            ordered = sorted(paths, key=lambda p: natural_key(p.name))
+            given = named
+        else:
+            ordered = sorted(paths, key=lambda p: (p.stat().st_mtime_ns, natural_key(p.name)))
+            given = stored
+        use_given = all(given[p] is not None for p in paths)
+        planned = [PlannedCheckpoint(p, given[p] if use_given else i, epochs[p]) for i, p in enumerate(ordered)]
+        _check_increasing(planned, "file name" if order == "name" else "modification time")
+        return planned
+    if order == "step":
+        steps, rule = stored, "the step stored in each checkpoint"
+    elif order == "auto":
+        steps, rule = _auto_steps(paths, stored, named, epochs)
+    else:
+        raise CheckpointError(f"--order {order!r}: unknown order; expected one of {', '.join(ORDERS)}")
+
+    without = [p.name for p in paths if steps[p] is None]
+    if without:
+        raise CheckpointError(
+            f"{paths[0].parent}: no training step found by {rule} for {without[:MAX_KEYS_IN_MESSAGE]}; "
+            "name the files with their step (e.g. step-100.pt), or pass --order name or --order mtime"
+        )
+    planned = sorted((PlannedCheckpoint(p, int(steps[p]), epochs[p]) for p in paths), key=lambda c: c.step)
+    _check_unique(planned, rule)
+    return planned
+
+
+def _auto_steps(paths, stored, named, epochs) -> tuple[dict[Path, int | None], str]:
+    if all(stored[p] is not None for p in paths):
+        return stored, "the step stored in each checkpoint"
+    if all(named[p] is not None for p in paths):
+        return named, "the number in each file name"
+    if all(np.isfinite(epochs[p]) and float(epochs[p]).is_integer() for p in paths):
+        return {p: int(epochs[p]) for p in paths}, "the epoch stored in each checkpoint"
+    return {p: stored[p] if stored[p] is not None else named[p] for p in paths}, "stored step or file name"
+
+
+def _check_unique(planned: list[PlannedCheckpoint], rule: str) -> None:
+    for before, after in zip(planned, planned[1:]):
+        if before.step == after.step:
+            raise CheckpointError(
+                f"{after.path.parent}: {before.path.name} and {after.path.name} both have step {after.step} by "
+                f"{rule}; pass --order name or --order mtime to set the order, or record each training run into "
+                "its own trajectory (--trajectory NAME, --per-subfolder)"
+            )
+
+
+def _check_increasing(planned: list[PlannedCheckpoint], rule: str) -> None:
+    for before, after in zip(planned, planned[1:]):
+        if after.step <= before.step:
+            raise CheckpointError(
+                f"{after.path}: step {after.step} follows step {before.step} of {before.path.name} in {rule} order; "
+                "pass another --order, or record each training run into its own trajectory (--trajectory NAME)"
+            )
+
+
+def resolve_layouts(run: RunFolder, first: Path, *, trust: bool = False) -> ModelLayouts:
+    """Return the layouts that checkpoints of `run` are matched against.
+
+    The layout already in trajectory.h5 wins, then the model that doodl3.toml builds,
+    then the floating-point tensors of the first checkpoint (tensors stored under
+    several names count once).
+    """
+    model = _config_model(run)
+    aliases = tied_aliases(model) if model is not None else {}
     if run.trajectory.is_file():
-        return read_layouts(run.trajectory)
-    if run.config_path.is_file():
-        config = run.load_config()
-        model = call_factory(config.model, base=run.path)
-        if not isinstance(model, nn.Module):
-            from doodl3_cli.errors import ConfigError
+        layout, buffer_layout = read_layouts(run.trajectory)
+        return ModelLayouts(layout, buffer_layout, aliases)
+    if model is not None:
+        return ModelLayouts(*model_layouts(model), aliases)
 
-            raise ConfigError(f"{config.path}: [model] factory returned {type(model).__name__}, not a torch.nn.Module")
-        return model_layouts(model)
-    log.info("no doodl3.toml in %s: taking the layout from the first checkpoint", run.path)
-    params = {k: v for k, v in first_state.items() if v.is_floating_point() and not _is_buffer_name(k)}
-    buffers = {k: v for k, v in first_state.items() if v.is_floating_point() and _is_buffer_name(k)}
-    return Layout.from_tensors(params), Layout.from_tensors(buffers, {n: "buffer" for n in buffers})
+    log.info("no doodl3.toml in %s: taking the layout from the first checkpoint %s", run.path, first)
+    state = read_checkpoint(first, trust=trust).state
+    aliases = shared_storage_aliases(state)
+    repeated = {alias for others in aliases.values() for alias in others}
+    params = {k: v for k, v in state.items() if v.is_floating_point() and not _is_buffer_name(k) and k not in repeated}
+    buffers = {k: v for k, v in state.items() if v.is_floating_point() and _is_buffer_name(k)}
+    return ModelLayouts(Layout.from_tensors(params), Layout.from_tensors(buffers, {n: "buffer" for n in buffers}), aliases)
+
+
+def _config_model(run: RunFolder) -> nn.Module | None:
+    if not run.config_path.is_file():
+        return None
+    config = run.load_config()
+    model = call_factory(config.model, base=run.path)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{config.path}: [model] factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _is_buffer_name(name: str) -> bool:
@@ -167,13 +316,14 @@ def record_directory(
     trajectory: str | None = None,
     attrs: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    order: str = "auto",
+    trust: bool = False,
 ) -> IngestResult:
-    """Ingest a folder of PyTorch state_dict checkpoints as one trajectory.
+    """Ingest a folder of checkpoints as one trajectory.
 
-    Checkpoints are ordered by the step stored in them (``global_step``, ``step``,
-    ``iteration``), else by the last number in the file name. Files whose content
-    digest is already recorded in the trajectory are skipped, so an interrupted
-    ingest resumes where it stopped.
+    Checkpoints are put in training order by `plan_order`. Files whose content digest
+    is already recorded in the trajectory are skipped, so an interrupted ingest resumes
+    where it stopped. Only one checkpoint is in memory at a time.
 
     Parameters
     ----------
@@ -181,77 +331,122 @@ def record_directory(
         The run folder; created when missing. When it holds doodl3.toml, keys are
         matched against the model it builds.
     source : Path
-        Folder with ``.pt``/``.pth`` files.
+        Folder of checkpoint files and checkpoint folders (see `read_checkpoint`).
     trajectory : str, optional
         Name of the trajectory; the folder name by default.
     attrs : dict, optional
-        Run attributes (seed, learning rate, ...).
+        Run attributes (seed, learning rate, ...). They override the scalar
+        hyper-parameters stored in the first checkpoint, which are recorded too.
     progress : callable, optional
-        Called as ``progress(done, total)`` after each file.
+        Called as ``progress(done, total)`` after each checkpoint.
+    order : {"auto", "step", "name", "mtime"}
+        How to put the checkpoints in training order; see `plan_order`.
+    trust : bool
+        Allow arbitrary unpickling; only for checkpoints from a trusted source.
 
     Raises
     ------
     CheckpointError
-        When a file cannot be loaded, does not match the layout, or the order is ambiguous.
+        When a checkpoint cannot be loaded, does not match the layout, or the order is ambiguous.
     """
     run = RunFolder(run_path)
-    files = find_checkpoints(source)
+    planned = plan_order(find_checkpoints(source), order=order, trust=trust)
     name = trajectory or source.resolve().name
 
-    loaded = []
-    for path in files:
-        state, meta = load_checkpoint(path)
-        step, epoch = _checkpoint_step(path, meta)
-        if step is None:
-            raise CheckpointError(
-                f"{path}: no training step stored in the checkpoint and no number in the file name; "
-                "rename the files with their step (e.g. step-100.pt)"
-            )
-        loaded.append((step, epoch, path))
-        del state
-
-    steps = [s for s, _, _ in loaded]
-    if len(set(steps)) != len(steps):
-        duplicates = sorted({s for s in steps if steps.count(s) > 1})[:5]
-        raise CheckpointError(
-            f"--from {source}: several checkpoints have the same step {duplicates}; "
-            "record each training run into its own trajectory (--trajectory NAME)"
-        )
-    loaded.sort(key=lambda item: item[0])
-
-    first_state, _ = load_checkpoint(loaded[0][2])
-    layout, buffer_layout = _layouts_for(run, first_state)
-
+    layouts = resolve_layouts(run, planned[0].path, trust=trust)
+    first = read_checkpoint(planned[0].path, trust=trust, model_names=layouts.names)
     # Check the first checkpoint before the writer creates trajectory.h5, because a file created
     # with the wrong model's layout would make every later ingest compare against that layout.
-    match_layout(first_state, layout, path=loaded[0][2])
-    match_layout(first_state, buffer_layout, path=loaded[0][2], what="buffers")
-    del first_state
+    layouts.flatten(first, planned[0].path)
+    run_attrs = {**first.hparams, **(attrs or {})}
+    # Recorded only when they differ from a plain float32 state_dict, so that the attributes
+    # of a run stay what distinguishes it from the others.
+    if first.stripped:
+        run_attrs["stripped_prefix"] = first.stripped
+    if first.dtypes != ["float32"]:
+        run_attrs["checkpoint_dtypes"] = first.dtypes
+    del first
 
     run.path.mkdir(parents=True, exist_ok=True)
     with TrajectoryWriter(
-        run.trajectory, layout=layout, buffer_layout=buffer_layout, trajectory=name, attrs=attrs or {},
-        settings={"source": str(source)}, metric_keys=(),
+        run.trajectory, layout=layouts.layout, buffer_layout=layouts.buffer_layout, trajectory=name,
+        attrs=run_attrs, settings={"source": str(source), "order": order}, metric_keys=(),
     ) as writer:
-        pending = [(step, epoch, path, file_digest(path)) for step, epoch, path in loaded]
-        new = [item for item in pending if not writer.has_digest(item[3])]
-        if new and writer.rows and new[0][0] <= writer.last_step:
-            raise CheckpointError(
-                f"{new[0][2]}: step {new[0][0]} is not after step {writer.last_step}, the last one recorded in "
-                f"trajectory '{name}'; record these checkpoints into a new trajectory (--trajectory NAME)"
-            )
-
-        skipped = len(pending) - len(new)
-        for done, (step, epoch, path, digest) in enumerate(new, start=1):
-            state, _ = load_checkpoint(path)
-            params = match_layout(state, layout, path=path)
-            buffers = match_layout(state, buffer_layout, path=path, what="buffers") if buffer_layout.entries else np.empty(0, np.float32)
-            writer.append(params, buffers, step=step, epoch=epoch, source=str(path), source_digest=digest)
-            log.debug("recorded %s as step %d", path, step)
-            if progress is not None:
-                progress(skipped + done, len(pending))
-        added = len(new)
+        added, skipped = _ingest(writer, planned, layouts, trust=trust, progress=progress)
         total = writer.rows
 
     log.info("trajectory %s: %d checkpoints added, %d already recorded", name, added, skipped)
     return IngestResult(name, added, skipped, total)
+
+
+def record_subfolders(
+    run_path: Path,
+    source: Path,
+    *,
+    attrs: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    order: str = "auto",
+    trust: bool = False,
+) -> list[IngestResult]:
+    """Ingest every subfolder of `source` that holds checkpoints as its own trajectory, named after it.
+
+    Raises
+    ------
+    CheckpointError
+        When no subfolder holds checkpoints, or as `record_directory`.
+    """
+    if not source.is_dir():
+        raise RunFolderError(f"--from {source}: not a directory; pass the folder whose subfolders hold the runs")
+    runs = []
+    for folder in sorted(source.iterdir(), key=lambda p: natural_key(p.name)):
+        if not folder.is_dir() or folder.name.startswith(".") or is_checkpoint_folder(folder):
+            continue
+        if any(_is_checkpoint(p) for p in folder.iterdir()):
+            runs.append(folder)
+        else:
+            log.info("%s: no checkpoints inside, so it is not recorded as a trajectory", folder)
+    if not runs:
+        raise CheckpointError(
+            f"--from {source}: no subfolders with checkpoints found for --per-subfolder; expected one folder per "
+            "training run, e.g. seed0/step-100.pt"
+        )
+    return [
+        record_directory(run_path, folder, trajectory=folder.name, attrs=attrs, progress=progress, order=order, trust=trust)
+        for folder in runs
+    ]
+
+
+def _ingest(
+    writer: TrajectoryWriter,
+    planned: list[PlannedCheckpoint],
+    layouts: ModelLayouts,
+    *,
+    trust: bool,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[int, int]:
+    """Append the planned checkpoints not yet in `writer`; return (added, skipped)."""
+    digests = [checkpoint_digest(item.path) for item in planned]
+    new = [(item, digest) for item, digest in zip(planned, digests) if not writer.has_digest(digest)]
+    if new and writer.rows and new[0][0].step <= writer.last_step:
+        raise CheckpointError(
+            f"{new[0][0].path}: step {new[0][0].step} is not after step {writer.last_step}, the last one recorded in "
+            f"trajectory '{writer.trajectory}'; record these checkpoints into a new trajectory (--trajectory NAME)"
+        )
+
+    skipped = len(planned) - len(new)
+    for done, (item, digest) in enumerate(new, start=1):
+        append_checkpoint(writer, item, digest, layouts, trust=trust)
+        if progress is not None:
+            progress(skipped + done, len(planned))
+    return len(new), skipped
+
+
+def append_checkpoint(
+    writer: TrajectoryWriter, item: PlannedCheckpoint, digest: str, layouts: ModelLayouts, *, trust: bool
+) -> None:
+    """Load one checkpoint, match it against the layouts and append it as one row."""
+    checkpoint = read_checkpoint(item.path, trust=trust, model_names=layouts.names)
+    params, buffers = layouts.flatten(checkpoint, item.path)
+    del checkpoint
+    writer.append(params, buffers, step=item.step, epoch=item.epoch, source=str(item.path), source_digest=digest)
+    log.debug("recorded %s as step %d", item.path, item.step)

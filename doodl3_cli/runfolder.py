@@ -8,16 +8,19 @@ the upstream artifact's current one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import numpy as np
 
 from doodl3_cli.artifacts._common import attr_json, read_content_id
-from doodl3_cli.errors import ConfigError, RunFolderError
+from doodl3_cli.errors import ConfigError, Doodl3Error, RunFolderError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -137,41 +140,91 @@ class RunFolder:
         return RunConfig(self.config_path, specs["model"], specs["data"], specs["loss"], batch_size, str(device))
 
     def stale_stages(self) -> list[str]:
-        """Return the stages whose artifact is missing or computed from other upstream content.
+        """Return the stages whose artifact must be (re)computed, in pipeline order.
 
-        The report is compared by file presence and the content ids embedded in it
-        are not parsed, so the report is rebuilt whenever any analysis stage reruns.
+        A stage is stale when its artifact is missing, unreadable or of a schema
+        version this doodl3 cannot read. It is also stale when it is incomplete (a
+        landscape grid with cells not yet evaluated), when it was computed from
+        other content than its inputs contain now, or when it is downstream of a
+        stale stage. The report is compared by file
+        presence only and is rebuilt whenever an analysis stage is stale.
+
+        Raises
+        ------
+        ArtifactError
+            When trajectory.h5 has a schema this doodl3 cannot read: no stage can
+            run until it is rewritten or doodl3 is upgraded.
         """
+        from doodl3_cli.artifacts._common import check_schema
+        from doodl3_cli.artifacts.trajectory import COMMAND, SCHEMA, SCHEMA_VERSION
+
+        if self.trajectory.is_file():
+            with _open_quietly(self.trajectory) as f:
+                if f is not None:
+                    check_schema(f, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND)
+
         stale: list[str] = []
         for stage in ("sample", "topology", "dynamics"):
-            path = self.path / STAGE_FILES[stage]
-            if stage in stale or not path.is_file():
+            upstream_stale = any(self._depends_on(stage, earlier) for earlier in stale)
+            reason = "an input is recomputed" if upstream_stale else self._stale_reason(stage)
+            if reason:
+                log.info("%s is stale: %s", STAGE_FILES[stage], reason)
                 stale.append(stage)
-                continue
-            try:
-                with h5py.File(path, "r", locking=False) as f:
-                    recorded = attr_json(f, "upstream", {})
-            except OSError:
-                stale.append(stage)
-                continue
-            for name in STAGE_INPUTS[stage]:
-                current = read_content_id(self.path / name)
-                if current is not None and recorded.get(name) != current:
-                    stale.append(stage)
-                    break
-                if current is None and name in recorded:
-                    stale.append(stage)
-                    break
-            if any(self._depends_on(stage, earlier) for earlier in stale):
-                if stage not in stale:
-                    stale.append(stage)
         if stale or not self.report.is_file():
             stale.append("report")
         return stale
 
+    def _stale_reason(self, stage: str) -> str | None:
+        """Say why the artifact of `stage` must be recomputed, or None when it is current."""
+        from doodl3_cli.artifacts import _common
+
+        path = self.path / STAGE_FILES[stage]
+        if not path.is_file():
+            return "missing"
+        schema, max_version = _stage_schema(stage)
+        with _open_quietly(path) as f:
+            if f is None:
+                return "unreadable"
+            try:
+                _common.check_schema(f, schema=schema, max_version=max_version, command=f"doodl3 {stage}")
+            except Doodl3Error as exc:
+                return str(exc)
+            recorded = attr_json(f, "upstream", {})
+            if stage == "sample" and any(
+                not bool(np.all(group["evaluated"][()])) for group in f.get("slices", {}).values() if "evaluated" in group
+            ):
+                return "grid not completely evaluated"
+        for name in STAGE_INPUTS[stage]:
+            current = read_content_id(self.path / name)
+            if current != recorded.get(name):
+                return f"{name} changed since"
+        return None
+
     @staticmethod
     def _depends_on(stage: str, other: str) -> bool:
         return STAGE_FILES[other] in STAGE_INPUTS.get(stage, ())
+
+
+def _stage_schema(stage: str) -> tuple[str, int]:
+    """Return (schema name, newest readable version) of the artifact of `stage`."""
+    from doodl3_cli.artifacts import dynamics, landscape, topology
+
+    modules = {"sample": landscape, "topology": topology, "dynamics": dynamics}
+    if stage not in modules:
+        raise ValueError(f"stage must be one of {', '.join(modules)}, got {stage!r}")
+    return modules[stage].SCHEMA, modules[stage].SCHEMA_VERSION
+
+
+@contextlib.contextmanager
+def _open_quietly(path: Path) -> Iterator[h5py.File | None]:
+    """Open an artifact read-only, yielding None instead of raising when it cannot be opened."""
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError:
+        yield None
+        return
+    with f:
+        yield f
 
 
 def resolve_factory(spec: FactorySpec, *, base: Path) -> Callable[..., Any]:

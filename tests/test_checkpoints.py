@@ -1,21 +1,29 @@
 import hashlib
+import json
 import re
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
 from doodl3_cli import zoo
 from doodl3_cli.checkpoints import (
+    checkpoint_digest,
     file_digest,
     flatten_model,
     load_checkpoint,
     match_layout,
     model_layouts,
     natural_key,
+    read_checkpoint,
+    read_training_fields,
+    select_submodule,
+    split_wrapper_prefixes,
     step_from_name,
     strip_wrapper_prefixes,
+    tied_aliases,
 )
 from doodl3_cli.errors import CheckpointError
 
@@ -218,3 +226,85 @@ def test_file_digest_is_sha256(tmp_path):
     path.write_bytes(data)
 
     assert file_digest(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_split_prefixes_reports_stripped():
+    tensor = torch.zeros(1)
+
+    state, stripped = split_wrapper_prefixes({"_orig_mod.module.0.weight": tensor, "_orig_mod.module.0.bias": tensor})
+
+    assert list(state) == ["0.weight", "0.bias"]
+    assert stripped == "_orig_mod.module."
+
+
+def test_select_submodule_by_names():
+    state = {"model.0.weight": torch.zeros(4, 4), "model.0.bias": torch.zeros(4), "ema.0.weight": torch.zeros(4, 4)}
+
+    kept, prefix, dropped = select_submodule(state, ["0.weight", "0.bias"])
+
+    assert prefix == "model."
+    assert list(kept) == ["0.weight", "0.bias"]
+    assert dropped == ["ema.0.weight"]
+
+
+def test_select_submodule_without_names():
+    state = {"net.0.weight": torch.zeros(8, 8), "net.0.bias": torch.zeros(8), "val_acc.total": torch.tensor(3.0)}
+
+    kept, prefix, dropped = select_submodule(state, None)
+
+    assert prefix == "net."
+    assert list(kept) == ["0.weight", "0.bias"]
+    assert dropped == ["val_acc.total"]
+
+
+def test_tied_aliases_of_model():
+    model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False))
+    model[1].weight = model[0].weight
+
+    assert tied_aliases(model) == {"0.weight": ["1.weight"]}
+    assert model_layouts(model)[0].names == ["0.weight"]
+
+
+def test_safetensors_fields_from_header(tmp_path):
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file({"w": torch.ones(2, dtype=torch.float16)}, path, metadata={"step": "40", "epoch": "1.5", "note": "x"})
+
+    checkpoint = read_checkpoint(path)
+
+    assert read_training_fields(path) == {"step": 40, "epoch": 1.5}
+    assert checkpoint.meta == {"step": 40, "epoch": 1.5}
+    assert checkpoint.dtypes == ["float16"]
+    assert checkpoint.state["w"].dtype == torch.float16
+
+
+def test_folder_digest_ignores_optimizer(tmp_path):
+    folder = tmp_path / "checkpoint-10"
+    folder.mkdir()
+    safetensors.torch.save_file({"w": torch.ones(2)}, folder / "model.safetensors")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    torch.save({"state": {}}, folder / "optimizer.pt")
+    before = checkpoint_digest(folder)
+
+    torch.save({"state": {"moved": 1}}, folder / "optimizer.pt")
+    unchanged = checkpoint_digest(folder)
+    safetensors.torch.save_file({"w": torch.zeros(2)}, folder / "model.safetensors")
+
+    assert unchanged == before
+    assert checkpoint_digest(folder) != before
+    assert read_training_fields(folder) == {"global_step": 10}
+
+
+def test_shard_index_names_missing_tensor(tmp_path):
+    folder = tmp_path / "step-5"
+    folder.mkdir()
+    safetensors.torch.save_file({"a": torch.ones(2)}, folder / "part-1.safetensors")
+    index = {"weight_map": {"a": "part-1.safetensors", "b": "part-1.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(folder)
+
+    assert str(info.value) == (
+        f"{folder / 'model.safetensors.index.json'}: 1 tensors listed in the index are in none of its shards, "
+        "e.g. ['b']; the checkpoint is incomplete"
+    )

@@ -91,7 +91,7 @@ def test_record_empty_folder(tmp_path):
     result = runner.invoke(app, ["record", str(tmp_path / "run"), "--from", str(empty)])
 
     line = _error_line(result)
-    assert line.startswith(f"error: --from {empty}: no checkpoint files (.pt, .pth) found")
+    assert line.startswith(f"error: --from {empty}: no checkpoint files (.pt, .pth, .bin, .ckpt, .safetensors) or checkpoint folders found")
     assert not (tmp_path / "run").exists()
 
 
@@ -99,7 +99,7 @@ def test_extent_min_above_max(tmp_path):
     result = runner.invoke(app, ["sample", str(tmp_path), "--extent", "1,0,0,1"])
 
     message = _usage_error(result)
-    assert "Invalid value for --extent: expected ALPHA_MIN,ALPHA_MAX,BETA_MIN,BETA_MAX with min < max" in message
+    assert "Invalid value for --extent: expected four finite numbers ALPHA_MIN,ALPHA_MAX,BETA_MIN,BETA_MAX with min < max" in message
     assert "got '1,0,0,1'" in message
 
 
@@ -132,3 +132,20 @@ def test_missing_run_every_command(tmp_path, command):
     result = runner.invoke(app, [command, str(run)])
 
     assert _error_line(result).startswith(f"error: {run}: run folder not found")
+
+
+def test_extent_rejects_infinite(tmp_path):
+    result = CliRunner().invoke(app, ["sample", str(tmp_path), "--extent", "-inf,inf,-5,5"])
+
+    assert result.exit_code == 2
+    assert "finite" in result.output + (result.stderr or "")
+
+
+def test_demo_keeps_user_config(tmp_path):
+    (tmp_path / "doodl3.toml").write_text("# mine\n")
+
+    result = CliRunner().invoke(app, ["demo", str(tmp_path), "--seeds", "1", "--steps", "4"])
+
+    assert result.exit_code == 1
+    assert "not the demo's configuration" in result.stderr
+    assert (tmp_path / "doodl3.toml").read_text() == "# mine\n"

@@ -2,7 +2,7 @@ import h5py
 import pytest
 
 from doodl3_cli.artifacts._common import write_root_attrs
-from doodl3_cli.errors import ConfigError, RunFolderError
+from doodl3_cli.errors import ArtifactError, ConfigError, RunFolderError
 from doodl3_cli.runfolder import FactorySpec, RunFolder, call_factory, resolve_factory
 
 CONFIG = """
@@ -110,3 +110,35 @@ def test_factory_that_raises(tmp_path):
 
     with pytest.raises(ConfigError, match="raised RuntimeError: boom"):
         call_factory(FactorySpec("data", "broken.py:build"), base=tmp_path)
+
+
+def test_stale_incomplete_landscape(tmp_path):
+    run = _full_run(tmp_path)
+    with h5py.File(run.landscape, "a") as f:
+        f.create_dataset("slices/pca/evaluated", data=[[True, False]])
+
+    assert run.stale_stages() == ["sample", "topology", "dynamics", "report"]
+
+
+def test_stale_newer_schema_version(tmp_path):
+    run = _full_run(tmp_path)
+    with h5py.File(run.topology, "a") as f:
+        f.attrs["schema_version"] = 99
+
+    assert run.stale_stages() == ["topology", "dynamics", "report"]
+
+
+def test_stale_rejects_newer_trajectory(tmp_path):
+    run = _full_run(tmp_path)
+    with h5py.File(run.trajectory, "a") as f:
+        f.attrs["schema_version"] = 99
+
+    with pytest.raises(ArtifactError, match="schema version 99"):
+        run.stale_stages()
+
+
+def test_stale_unreadable_artifact(tmp_path):
+    run = _full_run(tmp_path)
+    run.dynamics.write_bytes(b"not hdf5")
+
+    assert run.stale_stages() == ["dynamics", "report"]

@@ -339,7 +339,7 @@ def test_run_topology_end_to_end(tmp_path):
     assert written == run.topology
     with h5py.File(written, "r") as f:
         assert f.attrs["schema"] == "doodl3/topology"
-        assert f.attrs["schema_version"] == 1
+        assert f.attrs["schema_version"] == 2
         assert json.loads(f.attrs["upstream"]) == {"landscape.h5": content_id}
         assert json.loads(f.attrs["settings"])["min_persistence"] is None
         assert f["slices/pca/basins"].dtype == np.int32

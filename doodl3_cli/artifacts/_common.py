@@ -150,8 +150,9 @@ def open_artifact(
     Parameters
     ----------
     swmr : bool
-        Open as an HDF5 SWMR reader, so the file may be read while its writer
-        appends to it (trajectory.h5).
+        Open as an HDF5 SWMR reader, for a file that a live writer is appending to
+        (trajectory.h5 during `record`). Only for that case: an SWMR reader retries
+        unreadable metadata for minutes, where a plain open fails at once.
 
     Raises
     ------
@@ -162,9 +163,9 @@ def open_artifact(
     if not path.is_file():
         raise ArtifactError(f"{path}: artifact not found; run `{command}` first")
     try:
-        f = h5py.File(path, "r", locking=False, swmr=swmr)
+        f = _open_for_reading(path, swmr=swmr)
     except OSError as exc:
-        if "already open for write" in str(exc):
+        if _writer_flag_set(exc):
             raise ArtifactError(
                 f"{path}: is marked open by a writer; if no doodl3 process is writing it, the writer "
                 "was killed: clear the flag with `h5clear -s` (HDF5 tools) and rerun"
@@ -178,10 +179,19 @@ def open_artifact(
         yield f
 
 
+def _writer_flag_set(exc: OSError) -> bool:
+    return "already open for write" in str(exc)
+
+
+def _open_for_reading(path: Path, *, swmr: bool) -> h5py.File:
+    """Open read-only, as an HDF5 SWMR reader when `swmr` is set."""
+    return h5py.File(path, "r", locking=False, swmr=swmr)
+
+
 def read_content_id(path: Path) -> str | None:
     """Return the content id of an artifact, or None when the file is missing or unreadable."""
     try:
-        with h5py.File(path, "r", locking=False, swmr=True) as f:
+        with _open_for_reading(Path(path), swmr=False) as f:
             return attr_str(f, "content_id")
     except (OSError, FileNotFoundError):
         return None

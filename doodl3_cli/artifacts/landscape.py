@@ -1,12 +1,12 @@
 """landscape.h5: loss-landscape slices sampled on grids.
 
-Layout (schema ``doodl3/landscape``, version 1)::
+Layout (schema ``doodl3/landscape``, version 2)::
 
     /slices/<slice>/center        float32 [P]      the parameter point at (0, 0)
     /slices/<slice>/directions    float64 [2, P]   orthonormal for PCA directions
     /slices/<slice>/alpha         float64 [nx]     coordinate along directions[0]
     /slices/<slice>/beta          float64 [ny]     coordinate along directions[1]
-    /slices/<slice>/<metric>      float64 [nx, ny] loss, accuracy, ...; [i, j] = (alpha[i], beta[j])
+    /slices/<slice>/<metric>      float64 [nx, ny] loss, loss_stderr, accuracy; [i, j] = (alpha[i], beta[j])
     /slices/<slice>/evaluated     bool    [nx, ny] cells already computed (resume)
     /slices/<slice>/explained_variance  float64 [2]  ratio per PCA direction
     /slices/<slice>/projections/<trajectory>/coords         float64 [T, 2]
@@ -14,10 +14,16 @@ Layout (schema ``doodl3/landscape``, version 1)::
     /slices/<slice>/projections/<trajectory>/loss           float64 [T]  the checkpoint's own loss
     /slices/<slice>/projections/<trajectory>/loss_on_plane  float64 [T]  grid loss interpolated at coords
     /slices/<slice>/projections/<trajectory>/step           int64   [T]
+    /lines/<line>/t               float64 [n]      position: 0 at the start run, 1 at the end run
+    /lines/<line>/<metric>        float64 [n]      loss, loss_stderr, accuracy at start + t (end - start)
+    /lines/<line>/evaluated       bool    [n]
 
 Slice attributes: method, center_trajectory, center_index, normalisation,
 batchnorm_policy, split, samples, device, dtype, nonfinite_cells, and `recipe`
 (JSON of everything that determines the grid, used to decide whether a resume is valid).
+Line attributes: start, end (trajectory names), distance, barrier, barrier_t, recipe.
+
+Version 2 added the ``loss_stderr`` grid and ``/lines``; version 1 files stay readable.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import numpy as np
 from doodl3_cli.artifacts._common import attr_json, attr_str, open_artifact
 
 SCHEMA = "doodl3/landscape"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 COMMAND = "doodl3 sample RUN"
 
 
@@ -101,7 +107,7 @@ METRIC_SKIP = {"center", "directions", "alpha", "beta", "evaluated", "explained_
 
 
 def list_slices(path: Path) -> list[str]:
-    """Return the names of the slices in landscape.h5."""
+    """Return the names of the two-dimensional slices in landscape.h5 (lines are listed by `list_lines`)."""
     with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND) as f:
         return list(f["slices"].keys()) if "slices" in f else []
 
@@ -119,17 +125,9 @@ def read_slice(path: Path, name: str | None = None, *, with_vectors: bool = True
     ArtifactError
         When the file holds no slice or not the one named.
     """
-    from doodl3_cli.errors import ArtifactError
-
     with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND) as f:
-        slices = f.get("slices")
-        if slices is None or len(slices) == 0:
-            raise ArtifactError(f"{path}: holds no slice; rerun `{COMMAND}`")
-        if name is None:
-            name = next(iter(slices.keys()))
-        if name not in slices:
-            raise ArtifactError(f"{path}: slice '{name}' not found (slices: {', '.join(slices.keys())})")
-        g = slices[name]
+        g = _named_group(f, "slices", name, path=path, rerun=COMMAND)
+        name = g.name.rpartition("/")[2]
 
         metrics = {k: g[k][()].astype(np.float64) for k in g.keys() if k not in METRIC_SKIP}
         projections = {}
@@ -203,3 +201,92 @@ def write_projection(group: h5py.Group, trajectory: str, projection: Projection)
     pg.create_dataset("loss", data=np.asarray(projection.loss, dtype=np.float64))
     pg.create_dataset("loss_on_plane", data=np.asarray(projection.loss_on_plane, dtype=np.float64))
     pg.create_dataset("step", data=np.asarray(projection.step, dtype=np.int64))
+
+
+@dataclass
+class LandscapeLine:
+    """A one-dimensional slice between the final states of two trajectories.
+
+    Attributes
+    ----------
+    name : str
+    t : ndarray of shape (n,), float64
+        Position along the line: the point is ``start + t * (end - start)``.
+    metrics : dict of str to ndarray of shape (n,), float64
+        ``loss``, ``loss_stderr`` and, for classifiers, ``accuracy``.
+    evaluated : ndarray of shape (n,), bool
+    attrs : dict
+        ``start``, ``end``, ``distance`` (Euclidean, parameter units), ``barrier``
+        (largest excess of the loss over the straight line between the two end
+        losses, for t in [0, 1]), ``barrier_t`` and ``recipe``.
+    """
+
+    name: str
+    t: np.ndarray
+    metrics: dict[str, np.ndarray]
+    evaluated: np.ndarray
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> np.ndarray:
+        """The loss along the line, ndarray of shape (n,)."""
+        return self.metrics["loss"]
+
+
+def list_lines(path: Path) -> list[str]:
+    """Return the names of the lines in landscape.h5."""
+    with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND) as f:
+        return list(f["lines"].keys()) if "lines" in f else []
+
+
+def _named_group(f: h5py.File, kind: str, name: str | None, *, path: Path, rerun: str) -> h5py.Group:
+    """Return the group `name` under /slices or /lines, the first one when `name` is None."""
+    from doodl3_cli.errors import ArtifactError
+
+    singular = kind[:-1]
+    groups = f.get(kind)
+    if groups is None or len(groups) == 0:
+        raise ArtifactError(f"{path}: holds no {singular}; rerun `{rerun}`")
+    if name is None:
+        name = next(iter(groups.keys()))
+    if name not in groups:
+        raise ArtifactError(f"{path}: {singular} '{name}' not found ({kind}: {', '.join(groups.keys())})")
+    return groups[name]
+
+
+def read_line(path: Path, name: str | None = None) -> LandscapeLine:
+    """Read one line; the first one when `name` is None.
+
+    Raises
+    ------
+    ArtifactError
+        When the file holds no line or not the one named.
+    """
+    with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND) as f:
+        g = _named_group(f, "lines", name, path=path, rerun=f"{COMMAND} --line A:B")
+        name = g.name.rpartition("/")[2]
+        metrics = {k: g[k][()].astype(np.float64) for k in g.keys() if k not in ("t", "evaluated")}
+        attrs = {}
+        for key in g.attrs.keys():
+            value = g.attrs[key]
+            attrs[key] = attr_str(g, key) if isinstance(value, (str, bytes)) else (
+                value.item() if isinstance(value, np.generic) else value
+            )
+        if "recipe" in attrs:
+            attrs["recipe"] = attr_json(g, "recipe", {})
+        return LandscapeLine(name=name, t=g["t"][()], metrics=metrics, evaluated=g["evaluated"][()], attrs=attrs)
+
+
+def create_line(f: h5py.File, name: str, *, t: np.ndarray, metric_names: list[str], attrs: dict[str, Any]) -> h5py.Group:
+    """Create (or replace) a line group with NaN metrics and an all-False `evaluated` mask."""
+    lines = f.require_group("lines")
+    if name in lines:
+        del lines[name]
+    g = lines.create_group(name)
+    g.create_dataset("t", data=np.asarray(t, dtype=np.float64))
+    for metric in metric_names:
+        g.create_dataset(metric, data=np.full(len(t), np.nan), dtype=np.float64)
+    g.create_dataset("evaluated", data=np.zeros(len(t), dtype=bool))
+    for key, value in attrs.items():
+        g.attrs[key] = value
+    return g

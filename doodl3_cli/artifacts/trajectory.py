@@ -1,6 +1,6 @@
 """trajectory.h5: the recorded checkpoints of one or more training runs.
 
-Layout (schema ``doodl3/trajectory``, version 1)::
+Layout (schema ``doodl3/trajectory``, version 2)::
 
     /layout/{name, shape, offset, numel, role, dtype}    one row per parameter tensor
     /buffer_layout/{...}                                 same, for buffers (BatchNorm statistics)
@@ -9,29 +9,38 @@ Layout (schema ``doodl3/trajectory``, version 1)::
     /trajectories/<run>/step           int64   [T]
     /trajectories/<run>/epoch          float64 [T]      NaN where unknown
     /trajectories/<run>/metrics/<key>  float64 [T]      NaN where not logged
-    /trajectories/<run>/source         str     [T]      checkpoint path or "live"
-    /trajectories/<run>/source_digest  str     [T]      sha256 of the file or of the row
+    /trajectories/<run>/source         str     [T]      checkpoint path or "live" (UTF-8, at most 4096 bytes)
+    /trajectories/<run>/source_digest  str     [T]      sha256 hex digest of the file or of the row
 
 The file is written by one writer at a time in SWMR mode, so readers may open it
-while it grows. Rows are appended and flushed one checkpoint at a time.
+while it grows. Rows are appended and flushed one checkpoint at a time; the group
+attribute ``rows`` is the commit point. The writer holds an exclusive ``flock`` on the
+sidecar file ``.trajectory.h5.lock`` (which stores its PID), so a second writer fails
+at once, and a writer that finds the superblock still marked open although it holds
+the lock concludes that the previous writer was killed and clears the mark.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
+import glob
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
 
 from doodl3_cli.artifacts._common import (
-    STR_DTYPE,
     attr_json,
     attr_str,
+    check_schema,
     open_artifact,
     read_str_dataset,
     write_root_attrs,
@@ -42,8 +51,15 @@ from doodl3_cli.errors import ArtifactError, CheckpointError
 log = logging.getLogger(__name__)
 
 SCHEMA = "doodl3/trajectory"
-SCHEMA_VERSION = 1
+# Version 2 stores `source` and `source_digest` as fixed-length strings. Version 1 used
+# variable-length strings, which HDF5 keeps in a global heap that SWMR writing does not
+# protect, so a writer killed mid-append could leave rows that fail with "bad heap index".
+SCHEMA_VERSION = 2
+SOURCE_BYTES = 4096
+SOURCE_DTYPE = h5py.string_dtype("utf-8", SOURCE_BYTES)
+DIGEST_DTYPE = h5py.string_dtype("ascii", 64)
 COMMAND = "doodl3 record RUN --from DIR"
+ROW_DATASETS = ("params", "buffers", "step", "epoch", "source", "source_digest")
 
 
 @dataclass(frozen=True)
@@ -143,15 +159,76 @@ def read_layout_group(group: h5py.Group) -> Layout:
     )
 
 
+@contextlib.contextmanager
+def open_trajectory(path: Path) -> Iterator[h5py.File]:
+    """Open trajectory.h5 read-only as an SWMR reader, also after its writer was killed.
+
+    A writer killed while it was not yet (or no longer) in SWMR mode leaves the file
+    marked open for ordinary writing, which HDF5 SWMR readers reject. Such a file is
+    then opened read-only while ignoring that mark, as ``h5clear`` would, without
+    changing the file.
+
+    Raises
+    ------
+    ArtifactError
+        When the file is missing, is not HDF5, or has another schema or version.
+    """
+    # A live writer makes a plain open fail (the file grows under it), while an SWMR
+    # reader of a damaged file retries for minutes, so the writer lock decides.
+    swmr = writer_active(Path(path))
+    try:
+        with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND, swmr=swmr) as f:
+            yield f
+            return
+    except ArtifactError as exc:
+        cause = str(exc.__cause__)
+        if "not already open for SWMR writing" not in cause and "already open for write" not in cause:
+            raise
+    # NOTE: a live writer also sets this mark for the few milliseconds in which it opens the
+    # file and prepares its group. A read in that window may fail with an HDF5 error.
+    log.info("%s: marked open by a writer outside SWMR mode; reading it while ignoring the mark", path)
+    f = _open_clearing_status_flags(Path(path), writable=False)
+    with f:
+        check_schema(f, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND)
+        yield f
+
+
+def writer_active(path: Path) -> bool:
+    """Return whether a live process holds the writer lock of trajectory.h5 at `path`."""
+    lock_path = Path(path).with_name(f".{Path(path).name}.lock")
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def read_str_rows(dataset: h5py.Dataset, rows: int) -> list[str]:
+    """Read the first `rows` elements of a string dataset as str.
+
+    Only committed rows are read, because the string elements of rows that a killed
+    writer did not commit may point to heap objects that never reached the disk.
+    """
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in dataset[:rows]]
+
+
 def read_layouts(path: Path) -> tuple[Layout, Layout]:
     """Return the (parameter, buffer) layouts of a trajectory file."""
-    with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND, swmr=True) as f:
+    with open_trajectory(path) as f:
         return read_layout_group(f["layout"]), read_layout_group(f["buffer_layout"])
 
 
 def list_trajectories(path: Path) -> list[str]:
     """Return the names of the recorded trajectories, in creation order."""
-    with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND, swmr=True) as f:
+    with open_trajectory(path) as f:
         group = f.get("trajectories")
         if group is None:
             return []
@@ -168,7 +245,7 @@ def read_trajectory(path: Path, name: str) -> Trajectory:
     ArtifactError
         When the trajectory is not in the file.
     """
-    with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND, swmr=True) as f:
+    with open_trajectory(path) as f:
         group = f.get(f"trajectories/{name}")
         if group is None:
             available = ", ".join(f["trajectories"].keys()) if "trajectories" in f else "none"
@@ -183,8 +260,8 @@ def read_trajectory(path: Path, name: str) -> Trajectory:
             step=group["step"][:n],
             epoch=group["epoch"][:n],
             metrics=metrics,
-            source=read_str_dataset(group["source"])[:n],
-            source_digest=read_str_dataset(group["source_digest"])[:n],
+            source=read_str_rows(group["source"], n),
+            source_digest=read_str_rows(group["source_digest"], n),
             attrs=attrs,
         )
 
@@ -223,7 +300,7 @@ def trajectory_content_id(f: h5py.File) -> str:
             sub = group[name]
             n = int(sub.attrs.get("rows", 0))
             h.update(name.encode())
-            for digest in read_str_dataset(sub["source_digest"])[:n]:
+            for digest in read_str_rows(sub["source_digest"], n):
                 h.update(digest.encode())
     return h.hexdigest()[:32]
 
@@ -273,49 +350,63 @@ class TrajectoryWriter:
         self.trajectory = trajectory
         self.layout = layout
         self.buffer_layout = buffer_layout
-        self._file = self._open(settings or {})
-        self._group = self._prepare_group(attrs or {})
-        self._prepare_metrics(metric_keys)
-        self._file.swmr_mode = True
+        self._file: h5py.File | None = None
+        self._lock = WriterLock(self.path)
+        self._lock.acquire()
+        try:
+            if not self.path.is_file():
+                self._create(settings or {}, attrs or {}, metric_keys)
+            self._file = self._open()
+            self._group = self._prepare_group(attrs or {})
+            self._prepare_metrics(metric_keys)
+            self._drop_uncommitted_rows()
+            self._file.swmr_mode = True
+        except BaseException:
+            if self._file is not None:
+                self._file.close()
+            self._lock.release()
+            raise
         self._dropped_metrics: set[str] = set()
         self._rows = int(self._group.attrs["rows"])
-        self._digests = set(read_str_dataset(self._group["source_digest"])[: self._rows])
+        self._digests = set(read_str_rows(self._group["source_digest"], self._rows))
 
-    def _open(self, settings: dict[str, Any]) -> h5py.File:
-        exists = self.path.is_file()
+    def _create(self, settings: dict[str, Any], attrs: dict[str, Any], metric_keys) -> None:
+        # A new file is built under a temporary name and renamed into place, so a writer
+        # killed while creating it leaves no file rather than a half-written one.
+        # Temporary files of writers killed while creating the file are stale: this writer holds the lock.
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with h5py.File(tmp, "w", libver="latest") as f:
+                write_root_attrs(f, schema=SCHEMA, schema_version=SCHEMA_VERSION, settings=settings, upstream={})
+                write_layout(f.create_group("layout"), self.layout)
+                write_layout(f.create_group("buffer_layout"), self.buffer_layout)
+                f.create_group("trajectories")
+                self._file = f
+                self._prepare_group(attrs)
+                self._group = f["trajectories"][self.trajectory]
+                self._prepare_metrics(metric_keys)
+            os.replace(tmp, self.path)
+        finally:
+            self._file = None
+            if tmp.exists():
+                tmp.unlink()
+
+    def _open(self) -> h5py.File:
         try:
             f = h5py.File(self.path, "a", libver="latest")
-        except (OSError, BlockingIOError) as exc:
-            # HDF5 reports a held file lock as "unable to lock file", and a file that a
-            # writer has open (or left marked open by crashing) as "already open for write".
-            text = str(exc).lower()
-            if "lock" in text or "already open" in text:
+        except OSError as exc:
+            if "already open for write" not in str(exc):
                 raise ArtifactError(
-                    f"{self.path}: already open for writing by another process; wait for it to finish "
-                    "(one writer per trajectory.h5). If no writer is running, one crashed and left the "
-                    f"file marked open, and HDF5's h5clear tool removes that mark ({exc})"
+                    f"{self.path}: cannot be opened for writing ({exc}); if another program has it open, "
+                    "close it and rerun"
                 ) from exc
-            raise ArtifactError(f"{self.path}: cannot be opened for writing ({exc})") from exc
-
-        # In one process HDF5 shares an open file between handles instead of locking it, so a
-        # second writer only shows as the SWMR write mode that the first one switched on.
-        if f.swmr_mode:
-            f.close()
-            raise ArtifactError(
-                f"{self.path}: already open for writing in this process; close the other Recorder "
-                "or TrajectoryWriter first (one writer per trajectory.h5)"
-            )
-
-        if not exists or "schema" not in f.attrs:
-            write_root_attrs(f, schema=SCHEMA, schema_version=SCHEMA_VERSION, settings=settings, upstream={})
-            write_layout(f.create_group("layout"), self.layout)
-            write_layout(f.create_group("buffer_layout"), self.buffer_layout)
-            f.create_group("trajectories")
-            return f
+            # This process holds the writer lock, so the writer that marked the file open is gone.
+            log.warning("%s: clearing the open-for-write mark left by a writer that was killed", self.path)
+            f = _open_clearing_status_flags(self.path)
 
         try:
-            from doodl3_cli.artifacts._common import check_schema
-
             check_schema(f, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND)
             stored = read_layout_group(f["layout"])
         except Exception:
@@ -331,6 +422,8 @@ class TrajectoryWriter:
         return f
 
     def _prepare_group(self, attrs: dict[str, Any]) -> h5py.Group:
+        # NOTE: a new trajectory in an existing file is created in place, outside SWMR mode,
+        # so a writer killed during these few metadata writes may damage the file.
         runs = self._file["trajectories"]
         if self.trajectory in runs:
             group = runs[self.trajectory]
@@ -345,17 +438,20 @@ class TrajectoryWriter:
             group.attrs[key] = _to_attr(value)
         p = max(self.layout.size, 1)
         b = self.buffer_layout.size
+        # Uncompressed: gzip gains little on trained float32 weights and took most of the time of
+        # a Recorder.record call (benchmarks/bench_recorder.py).
         group.create_dataset(
-            "params", shape=(0, p), maxshape=(None, p), dtype=np.float32,
-            chunks=(1, min(p, 1 << 18)), compression="gzip", compression_opts=1, shuffle=True,
+            "params", shape=(0, p), maxshape=(None, p), dtype=np.float32, chunks=(1, min(p, 1 << 18)),
         )
         group.create_dataset(
             "buffers", shape=(0, b), maxshape=(None, b), dtype=np.float32, chunks=(1, min(b, 1 << 18)) if b else True
         )
         group.create_dataset("step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
         group.create_dataset("epoch", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(1024,))
-        group.create_dataset("source", shape=(0,), maxshape=(None,), dtype=STR_DTYPE, chunks=(256,))
-        group.create_dataset("source_digest", shape=(0,), maxshape=(None,), dtype=STR_DTYPE, chunks=(256,))
+        group.create_dataset(
+            "source", shape=(0,), maxshape=(None,), dtype=SOURCE_DTYPE, chunks=(64,), compression="gzip", compression_opts=1
+        )
+        group.create_dataset("source_digest", shape=(0,), maxshape=(None,), dtype=DIGEST_DTYPE, chunks=(256,))
         group.create_group("metrics")
         return group
 
@@ -367,6 +463,18 @@ class TrajectoryWriter:
                 metrics.create_dataset(
                     key, data=np.full(rows, np.nan), maxshape=(None,), dtype=np.float64, chunks=(1024,)
                 )
+
+    def _drop_uncommitted_rows(self) -> None:
+        # A writer killed inside `append` leaves rows past the committed count. Their string
+        # elements may point into a global heap collection that never reached the disk, and
+        # overwriting such an element makes HDF5 free that object ("bad heap index"). Shrinking
+        # the datasets discards those rows without touching the heap.
+        rows = int(self._group.attrs["rows"])
+        datasets = [self._group[name] for name in ROW_DATASETS] + list(self._group["metrics"].values())
+        for dataset in datasets:
+            if dataset.shape[0] > rows:
+                log.warning("%s: dropping uncommitted row(s) %d.. of %s", self.path, rows, dataset.name)
+                dataset.resize(rows, axis=0)
 
     @property
     def rows(self) -> int:
@@ -413,15 +521,15 @@ class TrajectoryWriter:
         digest = source_digest or digest_bytes(params.tobytes())
         n = self._rows
         g = self._group
-        for name in ("params", "buffers", "step", "epoch", "source", "source_digest"):
+        for name in ROW_DATASETS:
             g[name].resize(n + 1, axis=0)
         g["params"][n] = params
         if buffers.size:
             g["buffers"][n] = buffers
         g["step"][n] = int(step)
         g["epoch"][n] = float(epoch)
-        g["source"][n] = source
-        g["source_digest"][n] = digest
+        g["source"][n] = _fit_text(g["source"], source, "source")
+        g["source_digest"][n] = _fit_text(g["source_digest"], digest, "source_digest")
         for key, dataset in g["metrics"].items():
             dataset.resize(n + 1, axis=0)
             dataset[n] = float((metrics or {}).get(key, np.nan))
@@ -432,26 +540,52 @@ class TrajectoryWriter:
                 self.path, self.trajectory, sorted(unknown),
             )
             self._dropped_metrics |= unknown
-        # The row count attribute is the commit point: readers ignore rows past it.
+        # The row count attribute is the commit point: readers ignore rows past it. The row is
+        # flushed first because HDF5 may write dirty metadata of one flush in any order.
+        self._file.flush()
         g.attrs["rows"] = n + 1
         self._file.flush()
         self._rows = n + 1
         self._digests.add(digest)
 
     def close(self) -> None:
-        """Close the file and store the content id of what it now holds."""
+        """Close the file, store the content id of what it now holds and release the lock."""
         if self._file is None:
             return
-        self._file.close()
-        self._file = None
-        with h5py.File(self.path, "a", libver="latest") as f:
-            f.attrs["content_id"] = trajectory_content_id(f)
+        try:
+            # Written while still in SWMR mode, so that no moment of this writer leaves the
+            # file marked open for ordinary writing, which SWMR readers reject.
+            self._file.attrs["content_id"] = trajectory_content_id(self._file)
+            self._file.close()
+        finally:
+            self._file = None
+            self._lock.release()
 
     def __enter__(self) -> "TrajectoryWriter":
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _fit_text(dataset: h5py.Dataset, text: str, what: str) -> str | bytes:
+    """Return `text` as the element type of `dataset`: str for variable length, else encoded bytes.
+
+    Raises
+    ------
+    CheckpointError
+        When the text does not fit the fixed length.
+    """
+    info = h5py.check_string_dtype(dataset.dtype)
+    if info is None or info.length is None:
+        return text
+    data = text.encode(info.encoding)
+    if len(data) > info.length:
+        raise CheckpointError(
+            f"{text[:80]}...: {what} is {len(data)} bytes, more than the {info.length} that {dataset.name} holds; "
+            "move the checkpoints to a shorter path"
+        )
+    return data
 
 
 def _to_attr(value: Any) -> Any:
@@ -476,3 +610,116 @@ def _describe_mismatch(stored: Layout, new: Layout) -> str:
     if shapes:
         parts.append(f"shape {shapes}")
     return "; ".join(parts) or "different order"
+
+
+class WriterLock:
+    """Exclusive writer lock on trajectory.h5, held through ``flock`` on a sidecar file.
+
+    The sidecar ``.<name>.lock`` next to the artifact stores the PID of the holder. The
+    operating system releases a ``flock`` when its process dies, also on SIGKILL, so a
+    stale lock never blocks a rerun. HDF5 drops its own lock once SWMR writing starts,
+    which is why doodl3 keeps one of its own.
+    """
+
+    def __init__(self, path: Path):
+        self.artifact = Path(path)
+        self.path = self.artifact.with_name(f".{self.artifact.name}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise at once.
+
+        Raises
+        ------
+        ArtifactError
+            When another writer, in this process or another one, holds the lock.
+        """
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if holder == str(os.getpid()):
+                raise ArtifactError(
+                    f"{self.artifact}: already open for writing in this process; close the other Recorder "
+                    "or TrajectoryWriter first (one writer per trajectory.h5)"
+                ) from None
+            raise ArtifactError(
+                f"{self.artifact}: already open for writing by another process (PID {holder}, lock "
+                f"{self.path}); wait for it to finish or stop it (one writer per trajectory.h5)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock; the sidecar file stays, because deleting it would race a new writer."""
+        if self._fd is None:
+            return
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _hdf5_library() -> ctypes.CDLL:
+    """Return the HDF5 shared library that h5py has loaded, for calls h5py does not wrap.
+
+    Raises
+    ------
+    ArtifactError
+        When the library cannot be found.
+    """
+    candidates = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            for line in maps:
+                name = os.path.basename(line.split()[-1]) if line.split() else ""
+                if name.startswith("libhdf5") and not name.startswith("libhdf5_hl") and ".so" in name:
+                    candidates.append(line.split()[-1])
+    except OSError:
+        pass
+    package = os.path.dirname(h5py.__file__)
+    for pattern in ("../h5py.libs/libhdf5-*.so*", ".dylibs/libhdf5.*.dylib"):
+        candidates += [p for p in glob.glob(os.path.join(package, pattern)) if "hdf5_hl" not in p]
+    if not candidates:
+        raise ArtifactError(
+            "cannot find the HDF5 library that h5py uses, so the open-for-write mark of a killed writer "
+            "cannot be cleared; clear it with `h5clear -s FILE` (HDF5 tools) and rerun"
+        )
+    return ctypes.CDLL(candidates[0])
+
+
+def _open_clearing_status_flags(path: Path, *, writable: bool = True) -> h5py.File:
+    """Open `path` while clearing the superblock's open-for-write status flags.
+
+    HDF5 (1.10 and later) marks the superblock while a writer has the file open and
+    rejects every other writer until the mark is gone; a writer killed by SIGKILL never
+    removes it. h5clear removes it by opening the file with the private file-access
+    property ``clear_status_flags`` (a bool), and this does the same through h5py's HDF5.
+    Opened for writing, the cleared flags are written back; call it so only while
+    holding the `WriterLock`, which proves that no writer is alive. Opened read-only,
+    the file is left as it is.
+    """
+    library = _hdf5_library()
+    library.H5Pset.argtypes = [ctypes.c_int64, ctypes.c_char_p, ctypes.c_void_p]
+    library.H5Pset.restype = ctypes.c_int
+
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    clear = ctypes.c_bool(True)
+    if library.H5Pset(fapl.id, b"clear_status_flags", ctypes.byref(clear)) < 0:
+        raise ArtifactError(
+            f"{path}: HDF5 rejected the request to clear the open-for-write mark left by a killed writer; "
+            "clear it with `h5clear -s` (HDF5 tools) and rerun"
+        )
+    try:
+        if not writable:
+            fapl.set_file_locking(False, True)
+        file_id = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDWR if writable else h5py.h5f.ACC_RDONLY, fapl=fapl)
+    except OSError as exc:
+        raise ArtifactError(
+            f"{path}: cannot be opened after clearing the mark of a killed writer ({exc}); "
+            "the file may be damaged: move it away and rerun `doodl3 record` to record anew"
+        ) from exc
+    return h5py.File(file_id)

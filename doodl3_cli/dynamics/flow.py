@@ -32,6 +32,7 @@ Non-finite cells
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -475,3 +476,41 @@ class _FieldInterpolant:
         """Return the largest absolute Hessian eigenvalue at the nearest sample to each point, 0 where unknown."""
         k, fu, fw = self._cells(x)
         return self._stiffness[k + np.rint(fu).astype(np.intp) * self._ny + np.rint(fw).astype(np.intp)]
+
+
+def time_tau_map(field: GradientField, tau: float) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Return the time-tau map of the negative gradient flow as a point map for `outer_approximation`.
+
+    A point whose flow leaves the box domain before time tau gets a NaN image, so
+    the outer approximation leaves it out of the image rectangle, like the rest of
+    the flow that leaves the grid. Keeping its exit position instead would put a
+    point on the edge of its own box into the rectangle, and every edge box whose
+    flow leaves the grid would map to itself. A point stopped by an invalid cell
+    keeps its last position.
+
+    Parameters
+    ----------
+    field : GradientField
+        The gradient to follow.
+    tau : float
+        Time of the map, positive.
+
+    Returns
+    -------
+    callable
+        Takes points of shape (K, 2) and returns ``(images, radius)``: images of
+        shape (K, 2), NaN for points that left the domain, and error radii of shape
+        (K,) in coordinate units. Its attribute ``left`` counts the points that left
+        the domain over all calls.
+    """
+    lower = np.array([field.alpha[0] - 0.5 * field.spacing[0], field.beta[0] - 0.5 * field.spacing[1]])
+    upper = np.array([field.alpha[-1] + 0.5 * field.spacing[0], field.beta[-1] + 0.5 * field.spacing[1]])
+
+    def point_map(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        flow_end = integrate_flow(field, points, tau)
+        left = flow_end.stopped & ~np.all((flow_end.end >= lower) & (flow_end.end <= upper), axis=1)
+        point_map.left += int(left.sum())
+        return np.where(left[:, None], np.nan, flow_end.end), flow_end.error
+
+    point_map.left = 0
+    return point_map

@@ -33,12 +33,13 @@ Regions
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
 
+from doodl3_cli.dynamics.conley import conley_indices
 from doodl3_cli.errors import AnalysisError
 
 REGION_NONE = -1
@@ -86,6 +87,11 @@ class MorseGraph:
         `REGION_NONE`, `REGION_SEPARATRIX` or `REGION_OUTSIDE`.
     map_edges : int
         Number of edges (box to box) of the outer approximation.
+    conley_index : ndarray of shape (M, 3), int64, or None
+        Betti numbers ``dim H_k(P1, P0; Z/2)``, k = 0, 1, 2, of an index pair of each
+        Morse set (see `doodl3_cli.dynamics.conley`): (1, 0, 0) at a minimum,
+        (0, 1, 0) at a saddle, (0, 0, 1) at a maximum, and (0, 0, 0) for a set
+        whose recurrence the index does not confirm. None when not computed.
     """
 
     cell_scc: np.ndarray
@@ -98,6 +104,7 @@ class MorseGraph:
     set_cells: np.ndarray
     regions: np.ndarray
     map_edges: int
+    conley_index: Optional[np.ndarray] = None
 
     @property
     def n_sets(self) -> int:
@@ -330,6 +337,7 @@ def morse_graph(graph: sparse.csr_array, loss: np.ndarray, domain: np.ndarray) -
         set_cells=set_cells,
         regions=regions,
         map_edges=int(src.shape[0]),
+        conley_index=conley_indices(graph, morse_set.reshape(nx, ny), n_sets),
     )
 
 

@@ -9,6 +9,7 @@ is NaN.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -41,6 +42,11 @@ class TrajectoryDiagnostics:
         Summed step lengths over ``||theta_{T-1} - theta_0||``: 1 for a straight path,
         larger for a winding one. NaN with fewer than two checkpoints or with no
         movement at all, and inf when the path returns exactly to its start.
+    sharpness_step : ndarray of shape (S,), int64, or None
+        Training steps of the checkpoints where the top Hessian eigenvalue was computed.
+    sharpness : ndarray of shape (S,), float64, or None
+        Top Hessian eigenvalue of the loss at those checkpoints. None when the model
+        was not rebuilt.
     """
 
     name: str
@@ -50,6 +56,8 @@ class TrajectoryDiagnostics:
     cosine: np.ndarray
     loss: np.ndarray
     path_over_displacement: float
+    sharpness_step: Optional[np.ndarray] = None
+    sharpness: Optional[np.ndarray] = None
 
 
 def update_diagnostics(

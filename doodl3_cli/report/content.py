@@ -69,12 +69,21 @@ class RunContent:
         Every recorded run, in recording order.
     landscapes : list of LandscapeSlice
         Every slice of landscape.h5, without the P-sized vectors; empty when absent.
+    lines : list of LandscapeLine
+        Every line of landscape.h5 (one-dimensional slices between final states);
+        empty when absent or when landscape.h5 predates lines.
     topologies : dict of str to SliceTopology
         By slice name; empty when topology.h5 is absent.
     dynamics : dict of str to SliceDynamics
         By slice name; empty when dynamics.h5 is absent.
     diagnostics : dict of str to TrajectoryDiagnostics
         By trajectory name, from dynamics.h5.
+    ensemble : EnsembleDiagnostics or None
+        The ensemble measures of dynamics.h5 (distances, prediction disagreement);
+        None when the file has none.
+    findings : list of Finding
+        Flagged training segments and ensemble findings of dynamics.h5, empty when
+        it has none.
     provenance : list of Provenance
         One entry per artifact present.
     problems : dict of str to str
@@ -86,9 +95,12 @@ class RunContent:
     run: RunFolder
     trajectories: list[Trajectory]
     landscapes: list[LandscapeSlice] = field(default_factory=list)
+    lines: list[Any] = field(default_factory=list)
     topologies: dict[str, SliceTopology] = field(default_factory=dict)
     dynamics: dict[str, SliceDynamics] = field(default_factory=dict)
     diagnostics: dict[str, TrajectoryDiagnostics] = field(default_factory=dict)
+    ensemble: Any = None
+    findings: list[Any] = field(default_factory=list)
     provenance: list[Provenance] = field(default_factory=list)
     problems: dict[str, str] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)
@@ -129,6 +141,7 @@ def read_run_content(run: RunFolder) -> RunContent:
         landscape_artifact.read_slice(run.landscape, name, with_vectors=False)
         for name in landscape_artifact.list_slices(run.landscape)
     ]) or []
+    content.lines = _optional(content, "sample", run.landscape, lambda: _read_lines(run.landscape)) or []
     content.topologies = _optional(content, "topology", run.topology, lambda: {
         name: topology_artifact.read_slice(run.topology, name) for name in topology_artifact.list_slices(run.topology)
     }) or {}
@@ -140,6 +153,10 @@ def read_run_content(run: RunFolder) -> RunContent:
             name: dynamics_artifact.read_trajectory(run.dynamics, name)
             for name in dynamics_artifact.list_trajectories(run.dynamics)
         }) or {}
+    if "dynamics" not in content.problems:
+        content.ensemble = _optional(content, "dynamics", run.dynamics, lambda: _read_optional_part(run.dynamics, "read_ensemble"))
+        content.findings = _optional(content, "dynamics", run.dynamics,
+                                     lambda: _read_optional_part(run.dynamics, "read_findings")) or []
 
     content.provenance = _read_provenance(content)
     content.stale = [
@@ -149,6 +166,20 @@ def read_run_content(run: RunFolder) -> RunContent:
     for stage in content.stale:
         log.warning("%s is stale: its inputs changed after it was written; rerun `%s`", stage, content.command(stage))
     return content
+
+
+def _read_lines(path: Path) -> list[Any]:
+    """Read every line of landscape.h5; none from a file written before lines were part of the layout."""
+    list_lines = getattr(landscape_artifact, "list_lines", None)
+    if list_lines is None:
+        return []
+    return [landscape_artifact.read_line(path, name) for name in list_lines(path)]
+
+
+def _read_optional_part(path: Path, reader: str) -> Any:
+    """Call ``dynamics_artifact.<reader>(path)``; None when this version of the module has no such reader."""
+    function = getattr(dynamics_artifact, reader, None)
+    return function(path) if function is not None else None
 
 
 def _optional(content: RunContent, stage: str, path: Path, read: Callable[[], T]) -> T | None:

@@ -12,6 +12,10 @@ must open in any browser:
 - The number of traces is bounded. A figure draws at most `MAX_TRAJECTORY_TRACES`
   trajectories as traces of their own and merges the rest into one trace, and all
   Morse sets share two traces, so an ensemble of hundreds of runs stays responsive.
+
+Loss grids are coloured on the scale that `display.loss_scale` chooses (log10 when
+the finite losses span more than two decades) and drawn at most
+`display.MAX_DISPLAY_POINTS` samples per axis.
 """
 
 from __future__ import annotations
@@ -22,14 +26,12 @@ from typing import Iterable, Sequence
 import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
-from plotly.subplots import make_subplots
 
 from doodl3_cli.artifacts.dynamics import SliceDynamics
 from doodl3_cli.artifacts.landscape import LandscapeSlice, Projection
 from doodl3_cli.artifacts.topology import SliceTopology
-from doodl3_cli.artifacts.trajectory import Trajectory
 from doodl3_cli.dynamics.morse import REGION_NONE, REGION_OUTSIDE, REGION_SEPARATRIX
-from doodl3_cli.dynamics.trajectories import TrajectoryDiagnostics
+from doodl3_cli.report.display import LossScale, display_indices, loss_scale, thinning_note
 
 MAX_TRAJECTORY_TRACES = 20
 MAX_ARROWS_PER_AXIS = 25
@@ -234,34 +236,44 @@ def _step_coloraxis(projections: dict[str, Projection]) -> dict:
     }
 
 
-def _loss_contour(landscape: LandscapeSlice, *, zrange: tuple[float, float], showscale: bool = True) -> go.Contour:
+def _loss_contour(
+    landscape: LandscapeSlice, *, scale: LossScale, rows: np.ndarray, cols: np.ndarray
+) -> go.Contour:
+    loss = landscape.loss[np.ix_(rows, cols)]
+    # The grid is indexed [i, j] = (alpha[i], beta[j]) and plotly's z is [row = y][column = x].
+    settings = {"z": masked(scale.color_values(loss).T)}
+    if scale.log:
+        settings["customdata"] = masked(loss.T)
+        settings["hovertemplate"] = (
+            "alpha %{x:.4g}<br>beta %{y:.4g}<br>loss on the plane %{customdata:.4g}<extra></extra>"
+        )
+    else:
+        settings["hovertemplate"] = "alpha %{x:.4g}<br>beta %{y:.4g}<br>loss on the plane %{z:.4g}<extra></extra>"
     return go.Contour(
-        x=masked(landscape.alpha),
-        y=masked(landscape.beta),
-        # The grid is indexed [i, j] = (alpha[i], beta[j]) and plotly's z is [row = y][column = x].
-        z=masked(landscape.loss.T),
-        zmin=zrange[0],
-        zmax=zrange[1],
+        x=masked(landscape.alpha[rows]),
+        y=masked(landscape.beta[cols]),
+        zmin=scale.cmin,
+        zmax=scale.cmax,
         colorscale=LOSS_COLORSCALE,
         contours={"coloring": "heatmap", "showlines": True},
         line={"width": 0.5, "color": "rgba(255,255,255,0.5)"},
-        colorbar={"title": {"text": "loss"}, "x": 1.0, "len": 0.8},
-        showscale=showscale,
+        colorbar=scale.colorbar(x=1.0, len=0.8),
         name="loss",
-        hovertemplate="alpha %{x:.4g}<br>beta %{y:.4g}<br>loss on the plane %{z:.4g}<extra></extra>",
+        **settings,
     )
 
 
-def _basin_boundary_trace(topology: SliceTopology) -> go.Contour | None:
+def _basin_boundary_trace(topology: SliceTopology, rows: np.ndarray, cols: np.ndarray) -> go.Contour | None:
     """Draw contour lines at the half-integer levels of the basin labels, which are the divides between basins."""
     count = len(topology.minima)
     if count < 2:
         return None
-    labels = topology.basins.astype(np.float64)
-    labels[topology.basins < 0] = np.nan
+    basins = topology.basins[np.ix_(rows, cols)]
+    labels = basins.astype(np.float64)
+    labels[basins < 0] = np.nan
     return go.Contour(
-        x=masked(topology.alpha),
-        y=masked(topology.beta),
+        x=masked(topology.alpha[rows]),
+        y=masked(topology.beta[cols]),
         z=masked(labels.T),
         autocontour=False,
         contours={"start": 0.5, "end": count - 1.5, "size": 1, "coloring": "none"},
@@ -296,17 +308,24 @@ def _minima_trace(topology: SliceTopology) -> go.Scatter | None:
     )
 
 
-def _morse_set_traces(dynamics: SliceDynamics) -> list[go.Scatter]:
+def _morse_set_traces(
+    dynamics: SliceDynamics, rows: np.ndarray | None = None, cols: np.ndarray | None = None
+) -> list[go.Scatter]:
     """Scatter the box centres of the Morse sets: one trace for attractors, one for the other sets.
 
     Two traces whatever the number of sets, so the legend stays short; each box's
-    hover text names its set.
+    hover text names its set. With `rows` and `cols`, only boxes on that thinned
+    lattice of the grid are drawn.
     """
     graph = dynamics.morse
+    on_lattice = np.ones(graph.morse_set.shape, dtype=bool)
+    if rows is not None and cols is not None:
+        on_lattice[:] = False
+        on_lattice[np.ix_(rows, cols)] = True
     traces = []
     for is_attractor in (True, False):
         members = np.flatnonzero(graph.attractor == is_attractor)
-        cells = np.argwhere(np.isin(graph.morse_set, members))
+        cells = np.argwhere(np.isin(graph.morse_set, members) & on_lattice)
         if cells.size == 0:
             continue
         sets = graph.morse_set[cells[:, 0], cells[:, 1]]
@@ -356,17 +375,18 @@ def landscape_contour(
         Maximum number of trajectory traces; further runs share one trace.
     """
     loss = landscape.loss
-    zrange = finite_range(loss) or (0.0, 1.0)
+    scale = loss_scale(loss)
+    rows, cols = display_indices(loss.shape[0]), display_indices(loss.shape[1])
     masked_cells = nonfinite_count(loss)
 
     fig = go.Figure()
-    fig.add_trace(_loss_contour(landscape, zrange=zrange))
-    if topology is not None:
-        boundary = _basin_boundary_trace(topology)
+    fig.add_trace(_loss_contour(landscape, scale=scale, rows=rows, cols=cols))
+    if topology is not None and topology.basins.shape == loss.shape:
+        boundary = _basin_boundary_trace(topology, rows, cols)
         if boundary is not None:
             fig.add_trace(boundary)
-    if dynamics is not None:
-        for trace in _morse_set_traces(dynamics):
+    if dynamics is not None and dynamics.morse.morse_set.shape == loss.shape:
+        for trace in _morse_set_traces(dynamics, rows, cols):
             fig.add_trace(trace)
     for trace in _trajectory_traces(
         landscape.projections,
@@ -385,7 +405,12 @@ def landscape_contour(
         height=LANDSCAPE_HEIGHT,
         title=_title(
             f"Loss on the slice '{landscape.name}' with the recorded trajectories",
-            [explained_variance_note(landscape.explained_variance), masked_note(masked_cells, loss.size)],
+            [
+                explained_variance_note(landscape.explained_variance),
+                masked_note(masked_cells, loss.size),
+                scale.note(),
+                thinning_note(loss.shape, rows, cols),
+            ],
         ),
         xaxis={"title": {"text": "alpha (direction 1)"}, "range": _axis_range(landscape.alpha)},
         yaxis={"title": {"text": "beta (direction 2)"}, "range": _axis_range(landscape.beta)},
@@ -414,22 +439,26 @@ def landscape_surface(landscape: LandscapeSlice, *, max_trajectories: int = MAX_
     left out.
     """
     loss = landscape.loss
-    zrange = finite_range(loss) or (0.0, 1.0)
+    scale = loss_scale(loss)
+    rows, cols = display_indices(loss.shape[0]), display_indices(loss.shape[1])
+    shown = loss[np.ix_(rows, cols)]
     masked_cells = nonfinite_count(loss)
 
     fig = go.Figure()
+    colors = {"surfacecolor": masked(scale.color_values(shown).T)} if scale.log else {}
     fig.add_trace(
         go.Surface(
-            x=masked(landscape.alpha),
-            y=masked(landscape.beta),
-            z=masked(loss.T),
-            cmin=zrange[0],
-            cmax=zrange[1],
+            x=masked(landscape.alpha[rows]),
+            y=masked(landscape.beta[cols]),
+            z=masked(shown.T),
+            cmin=scale.cmin,
+            cmax=scale.cmax,
             colorscale=LOSS_COLORSCALE,
             opacity=0.9,
-            colorbar={"title": {"text": "loss"}, "x": 1.0, "len": 0.8},
+            colorbar=scale.colorbar(x=1.0, len=0.8),
             name="loss",
             hovertemplate="alpha %{x:.4g}<br>beta %{y:.4g}<br>loss on the plane %{z:.4g}<extra></extra>",
+            **colors,
         )
     )
     for trace in _trajectory_traces(
@@ -445,12 +474,14 @@ def landscape_surface(landscape: LandscapeSlice, *, max_trajectories: int = MAX_
             [
                 "checkpoints are drawn at the plane's loss at their projection, not at their own loss",
                 masked_note(masked_cells, loss.size),
+                scale.note() + ("; the loss axis is logarithmic too" if scale.log else ""),
+                thinning_note(loss.shape, rows, cols),
             ],
         ),
         scene={
             "xaxis": {"title": {"text": "alpha"}},
             "yaxis": {"title": {"text": "beta"}},
-            "zaxis": {"title": {"text": "loss"}},
+            "zaxis": {"title": {"text": "loss"}, "type": "log" if scale.log else "linear"},
         },
         coloraxis2=_step_coloraxis(landscape.projections),
         legend={"orientation": "h", "y": -0.05, "x": 0.0},
@@ -644,11 +675,14 @@ def _arrow_segments(dynamics: SliceDynamics, max_per_axis: int) -> tuple[list, l
     return xs, ys, int(valid.sum())
 
 
-def _region_heatmap(dynamics: SliceDynamics, regions: np.ndarray, names: list[str], colors: list[str]) -> go.Heatmap:
+def _region_heatmap(
+    dynamics: SliceDynamics, regions: np.ndarray, names: list[str], colors: list[str], rows: np.ndarray, cols: np.ndarray
+) -> go.Heatmap:
+    regions = regions[np.ix_(rows, cols)]
     hover = [[names[int(v)] if np.isfinite(v) else "outside the domain" for v in row] for row in regions.T]
     return go.Heatmap(
-        x=masked(dynamics.alpha),
-        y=masked(dynamics.beta),
+        x=masked(dynamics.alpha[rows]),
+        y=masked(dynamics.beta[cols]),
         z=masked(regions.T),
         zmin=-0.5,
         zmax=len(names) - 0.5,
@@ -675,10 +709,11 @@ def flow_field(
     """
     regions, names, colors = _region_labels(dynamics.morse.regions)
     outside = int((dynamics.morse.regions == REGION_OUTSIDE).sum())
+    rows, cols = display_indices(regions.shape[0]), display_indices(regions.shape[1])
 
     fig = go.Figure()
     if names:
-        fig.add_trace(_region_heatmap(dynamics, regions, names, colors))
+        fig.add_trace(_region_heatmap(dynamics, regions, names, colors, rows, cols))
     for name, color in zip(names, colors):
         # Legend entries for the heatmap's categories; a heatmap has no legend of its own.
         fig.add_trace(
@@ -687,14 +722,18 @@ def flow_field(
                 marker={"symbol": "square", "size": 12, "color": color, "opacity": 0.6},
             )
         )
+    scale = None
     if landscape is not None and landscape.loss.shape == dynamics.morse.regions.shape:
-        zrange = finite_range(landscape.loss) or (0.0, 1.0)
+        scale = loss_scale(landscape.loss)
+        shown = landscape.loss[np.ix_(rows, cols)]
+        # Labels would read log10(loss) on a log scale, so they are shown on a linear scale only.
         fig.add_trace(
             go.Contour(
-                x=masked(landscape.alpha), y=masked(landscape.beta), z=masked(landscape.loss.T),
-                zmin=zrange[0], zmax=zrange[1], contours={"coloring": "none", "showlabels": True},
+                x=masked(landscape.alpha[rows]), y=masked(landscape.beta[cols]),
+                z=masked(scale.color_values(shown).T), zmin=scale.cmin, zmax=scale.cmax,
+                contours={"coloring": "none", "showlabels": not scale.log},
                 line={"color": "rgba(40,40,40,0.45)", "width": 1}, showscale=False,
-                name="loss contours", hoverinfo="skip",
+                name="loss contours" + (" (log-spaced)" if scale.log else ""), hoverinfo="skip",
             )
         )
 
@@ -706,7 +745,7 @@ def flow_field(
                 line={"color": "black", "width": 1.2},
             )
         )
-    for trace in _morse_set_traces(dynamics):
+    for trace in _morse_set_traces(dynamics, rows, cols):
         fig.add_trace(trace)
 
     notes = [
@@ -717,6 +756,7 @@ def flow_field(
         notes.append(f"{outside} of {regions.size} boxes have no valid gradient (NaN or infinite loss nearby) and are left blank")
     if not arrows:
         notes.append("no box has a valid gradient, so no arrow is drawn")
+    notes.append(thinning_note(regions.shape, rows, cols))
     fig.update_layout(
         template=TEMPLATE,
         height=LANDSCAPE_HEIGHT,
@@ -755,12 +795,36 @@ def _morse_levels(count: int, hasse_edges: np.ndarray) -> np.ndarray:
     return level
 
 
+CONLEY_TYPES = {(1, 0, 0): "attracting, like a minimum", (0, 1, 0): "saddle", (0, 0, 1): "repelling, like a maximum",
+                (0, 0, 0): "trivial: recurrence not confirmed"}
+
+
+def conley_label(graph, index: int) -> str:
+    """Return the Betti numbers of the Conley index of Morse set `index` as ``CH=(b0,b1,b2)``, or '' when not computed."""
+    conley = getattr(graph, "conley_index", None)
+    if conley is None or index >= len(conley):
+        return ""
+    return "CH=(" + ",".join(str(int(b)) for b in conley[index]) + ")"
+
+
+def conley_text(graph, index: int) -> str:
+    """Describe the Conley index of Morse set `index` for hover text and tables."""
+    conley = getattr(graph, "conley_index", None)
+    if conley is None or index >= len(conley):
+        return "not computed"
+    betti = tuple(int(b) for b in conley[index])
+    kind = CONLEY_TYPES.get(betti, "a combination of types")
+    return f"Betti numbers {betti} over Z/2 ({kind})"
+
+
 def morse_graph(dynamics: SliceDynamics) -> go.Figure:
     """Draw the Morse graph as a layered diagram in which the flow runs down to the attractors.
 
     Each node is a Morse set, placed on the row of its longest path down to an
     attractor, so every edge of the Hasse diagram points downward. Node size grows
-    with the number of boxes in the set.
+    with the number of boxes in the set and node colour shows its type. The label
+    gives the set, the Betti numbers of its Conley index where dynamics.h5 contains
+    them, and its lowest loss.
     """
     graph = dynamics.morse
     count = graph.n_sets
@@ -800,11 +864,12 @@ def morse_graph(dynamics: SliceDynamics) -> go.Figure:
                 y=level[members].tolist(),
                 mode="markers+text",
                 name=kind if kind != "saddle-like" else "neither attractor nor repeller",
-                text=[str(s) for s in members],
+                text=[f"{s}  {conley_label(graph, s)}  loss {format_number(graph.set_min_loss[s], 3)}" for s in members],
                 textposition="middle right",
                 hovertext=[
                     f"<b>Morse set {s}</b> ({kind})<br>{int(graph.set_cells[s])} boxes"
                     f"<br>min loss {format_number(graph.set_min_loss[s])}"
+                    f"<br>Conley index: {conley_text(graph, s)}"
                     for s in members
                 ],
                 hovertemplate="%{hovertext}<extra></extra>",
@@ -819,84 +884,12 @@ def morse_graph(dynamics: SliceDynamics) -> go.Figure:
         template=TEMPLATE,
         height=max(320, 55 * (int(level.max()) + 4)),
         title=_title(
-            f"Morse graph of the slice '{dynamics.name}'",
-            [f"{count} Morse sets, {int(graph.attractor.sum())} attractors; the flow runs downward"],
+            f"Morse graph of the slice '{dynamics.name}', {dynamics.map or 'unnamed'} map",
+            [f"{count} Morse sets, {int(graph.attractor.sum())} attractors; the flow runs downward; "
+             "labels: set, Betti numbers of its Conley index (CH) where computed, lowest loss"],
         ),
         xaxis={"visible": False, "range": [-1.1, 1.3]},
-        yaxis={"title": {"text": "longest path to an attractor"}, "dtick": 1, "rangemode": "tozero"},
+        yaxis={"title": {"text": "longest path to an attractor"}, "dtick": 1, "range": [-0.5, int(level.max()) + 0.5]},
         legend={"orientation": "h", "y": -0.1, "x": 0.0},
-    )
-    return fig
-
-
-# --- training diagnostics ------------------------------------------------------------------------
-
-
-def training_diagnostics(
-    trajectories: Sequence[Trajectory],
-    *,
-    projections: dict[str, Projection] | None = None,
-    diagnostics: dict[str, TrajectoryDiagnostics] | None = None,
-    max_trajectories: int = MAX_TRAJECTORY_TRACES,
-) -> go.Figure:
-    """Plot the loss, speed and cosine between successive updates of every run over its steps.
-
-    Parameters
-    ----------
-    trajectories : sequence of Trajectory
-        Gives each run's step and logged training loss (metric ``"loss"``).
-    projections : dict of str to Projection, optional
-        Adds each checkpoint's own loss on the evaluation set, from landscape.h5.
-    diagnostics : dict of str to TrajectoryDiagnostics, optional
-        Adds the speed and cosine panels, from dynamics.h5. Without it the figure
-        has the loss panel only.
-    """
-    panels = ["loss"] + (["speed (parameter distance per step)", "cosine between successive updates"] if diagnostics else [])
-    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, subplot_titles=panels, vertical_spacing=0.08)
-
-    by_name = {t.name: t for t in trajectories}
-    for index, (label, members) in enumerate(group_trajectories(list(by_name), max_trajectories)):
-        color = trajectory_color(index)
-        line = {"color": color, "width": 1.8}
-        shown = False
-
-        def add(x: np.ndarray, y: np.ndarray, row: int, name: str, dash: str = "solid") -> None:
-            nonlocal shown
-            fig.add_trace(
-                go.Scatter(
-                    x=masked(x), y=masked(y), mode="lines+markers", name=label, legendgroup=label,
-                    showlegend=not shown, line={**line, "dash": dash}, marker={"size": 4},
-                    hovertemplate=f"{label}<br>{name}<br>step %{{x}}<br>%{{y:.4g}}<extra></extra>",
-                ),
-                row=row, col=1,
-            )
-            shown = True
-
-        if projections and all(m in projections for m in members):
-            parts = [projections[m] for m in members]
-            add(_joined(p.step for p in parts), _joined(p.loss for p in parts), 1, "loss on the evaluation set")
-        logged = [by_name[m] for m in members if "loss" in by_name[m].metrics]
-        if logged:
-            add(_joined(t.step for t in logged), _joined(t.metrics["loss"] for t in logged), 1,
-                "logged training loss", dash="dot")
-        if diagnostics and all(m in diagnostics for m in members):
-            parts = [diagnostics[m] for m in members]
-            steps = _joined(d.step for d in parts)
-            add(steps, _joined(d.speed for d in parts), 2, "speed")
-            add(steps, _joined(d.cosine for d in parts), 3, "cosine")
-
-    if diagnostics:
-        fig.add_hline(y=0.0, line={"color": "grey", "width": 1, "dash": "dash"}, row=3, col=1)
-        fig.update_yaxes(range=[-1.05, 1.05], row=3, col=1)
-    fig.update_xaxes(title_text="training step", row=len(panels), col=1)
-    notes = ["solid: own loss on the evaluation set; dotted: training loss as logged"]
-    if diagnostics:
-        notes.append("a cosine near -1 means successive updates point in opposite directions (oscillation)")
-    fig.update_layout(
-        template=TEMPLATE,
-        height=260 * len(panels) + 120,
-        title=_title("Training diagnostics", notes),
-        legend={"orientation": "h", "y": -0.08, "x": 0.0},
-        margin={"t": 110},
     )
     return fig

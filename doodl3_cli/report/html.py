@@ -1,8 +1,10 @@
 """HTML building blocks of the report page: layout, tables, notes and embedded figures.
 
-The page is one self-contained file. plotly.js is embedded once in the head, and
-every figure is a ``<div class="figure">`` with its data inline, so the page opens
-offline and never requests another resource.
+Every figure is a ``<div class="figure">`` with its data inline. plotly.js is either
+embedded once in the head (``inline``, the default: one self-contained file) or
+written once as `PLOTLY_FILE` next to the page and loaded by a relative path
+(``beside``: a smaller page for folders with many reports). Either way the page
+opens offline and never requests a resource from the network.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ import plotly
 import plotly.io as pio
 import plotly.offline
 from plotly.graph_objects import Figure
+
+from doodl3_cli.errors import Doodl3Error
+
+PLOTLY_JS_MODES = ("inline", "beside")
+PLOTLY_FILE = "plotly.min.js"
 
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 
@@ -43,6 +50,11 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 td:first-child { white-space: nowrap; }
 span.lines { font: 12.5px/1.5 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; word-break: break-all; }
 span.swatch { display: inline-block; width: 10px; height: 10px; margin-right: 6px; border-radius: 2px; }
+#summary td { white-space: nowrap; }
+ul.findings { margin: 8px 0 12px; padding-left: 22px; max-width: 980px; }
+ul.findings li { margin: 4px 0; }
+ul.findings li.error b { color: #b42318; }
+ul.findings li.warning b { color: var(--warn); }
 div.figure { margin: 12px 0 20px; border: 1px solid var(--rule); border-radius: 4px; padding: 4px; }
 """
 
@@ -82,7 +94,18 @@ class Section:
 
 
 def figure_div(fig: Figure, div_id: str) -> str:
-    """Render a figure as a ``div.figure`` that relies on the page's single plotly.js."""
+    """Render a figure as a ``div.figure`` that relies on the page's single plotly.js.
+
+    The top margin grows with the number of lines in the title, so notes under
+    the title never overlap the plot.
+    """
+    title = fig.layout.title.text or ""
+    lines = title.count("<br>") + 1 if title else 0
+    wanted = 60 + 22 * lines
+    if (fig.layout.margin.t or 0) < wanted:
+        fig.update_layout(margin={"t": wanted})
+        if fig.layout.height:
+            fig.update_layout(height=fig.layout.height + max(0, wanted - 100))
     height = fig.layout.height or 500
     inner = pio.to_html(
         fig,
@@ -122,26 +145,46 @@ def swatch(color: str, label: str) -> Cell:
     )
 
 
-def plotly_script() -> str:
-    """Return the plotly.js bundle in one inline script tag, with its version in a comment."""
-    source = plotly.offline.get_plotlyjs()
-    # The bundle contains no "</script" today; guard so a future bundle cannot end the tag early.
-    source = source.replace("</script", "<\\/script")
-    return (
-        f"<script type=\"text/javascript\">/* plotly.js bundled with plotly.py {plotly.__version__}, "
-        f"embedded so the page works offline */\n{source}\n</script>"
-    )
+def plotly_script(mode: str = "inline") -> str:
+    """Return the script tag that loads plotly.js: the bundle inline, or a relative link to `PLOTLY_FILE`.
+
+    Raises
+    ------
+    Doodl3Error
+        When `mode` is not one of `PLOTLY_JS_MODES`.
+    """
+    if mode == "inline":
+        source = plotly.offline.get_plotlyjs()
+        # The bundle contains no "</script" today; guard so a future bundle cannot end the tag early.
+        source = source.replace("</script", "<\\/script")
+        return (
+            f"<script type=\"text/javascript\">/* plotly.js bundled with plotly.py {plotly.__version__}, "
+            f"embedded so the page works offline */\n{source}\n</script>"
+        )
+    if mode == "beside":
+        return (
+            f"<!-- plotly.js bundled with plotly.py {plotly.__version__}, written next to this page -->\n"
+            f'<script type="text/javascript" src="{PLOTLY_FILE}"></script>'
+        )
+    raise Doodl3Error(f"plotly.js mode: expected one of {', '.join(PLOTLY_JS_MODES)}, got {mode!r}")
 
 
-def render_page(*, title: str, subtitle_lines: Sequence[str], notes: Sequence[str], sections: Sequence[Section]) -> str:
-    """Assemble the whole page: head with CSS and plotly.js, header, navigation, sections."""
+def render_page(
+    *,
+    title: str,
+    subtitle_lines: Sequence[str],
+    notes: Sequence[str],
+    sections: Sequence[Section],
+    plotly_js: str = "inline",
+) -> str:
+    """Assemble the whole page: head with CSS and plotly.js (see `plotly_script`), header, navigation, sections."""
     nav = " ".join(f'<a href="#{html.escape(s.anchor)}">{html.escape(s.title)}</a>' for s in sections)
     subtitle = "\n".join(f"<p>{html.escape(line)}</p>" for line in subtitle_lines)
     body = "\n\n".join(section.render() for section in sections)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        f"<title>{html.escape(title)}</title>\n<style>{PAGE_CSS}</style>\n{plotly_script()}\n</head>\n"
+        f"<title>{html.escape(title)}</title>\n<style>{PAGE_CSS}</style>\n{plotly_script(plotly_js)}\n</head>\n"
         f"<body>\n<main>\n<header>\n<h1>{html.escape(title)}</h1>\n{subtitle}\n</header>\n"
         f"{''.join(notes)}\n<nav>{nav}</nav>\n{body}\n</main>\n</body>\n</html>\n"
     )

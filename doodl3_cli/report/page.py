@@ -1,10 +1,11 @@
-"""`doodl3 report`: one self-contained HTML page with every figure of a run.
+"""`doodl3 report`: one HTML page with every figure of a run, which opens offline.
 
-The page embeds plotly.js once and each figure's data inline, so it opens offline
-and requests nothing from the network. Its sections are the summary of the runs,
-the landscape slice, its topology, its dynamics, the training diagnostics and the
-provenance of every artifact. A section whose artifact is missing is replaced by a
-note naming the command that writes it.
+The page contains each figure's data inline, and plotly.js either embedded once or
+written once next to it, so it requests nothing from the network. Its sections are
+the summary of the runs with the findings, the landscape slice, its topology, its
+dynamics, the training diagnostics, the ensemble and the provenance of every
+artifact. A section whose artifact is missing is replaced by a note naming the
+command that writes it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import plotly.offline
 
 from doodl3_cli import __version__
 from doodl3_cli.artifacts._common import read_content_id, utc_now
@@ -25,10 +27,23 @@ from doodl3_cli.artifacts.dynamics import SliceDynamics
 from doodl3_cli.artifacts.landscape import LandscapeSlice
 from doodl3_cli.artifacts.topology import SliceTopology
 from doodl3_cli.dynamics.morse import REGION_NONE, REGION_OUTSIDE, REGION_SEPARATRIX
-from doodl3_cli.report import figures
+from doodl3_cli.errors import Doodl3Error
+from doodl3_cli.report import figures, topology_figures, training_figures
 from doodl3_cli.report.content import RunContent, read_run_content
+from doodl3_cli.report.ensemble import ensemble_section
+from doodl3_cli.report.findings import findings_html
 from doodl3_cli.report.figures import format_number, trajectory_color
-from doodl3_cli.report.html import Cell, Section, figure_div, note, render_page, swatch, table
+from doodl3_cli.report.html import (
+    PLOTLY_FILE,
+    PLOTLY_JS_MODES,
+    Cell,
+    Section,
+    figure_div,
+    note,
+    render_page,
+    swatch,
+    table,
+)
 from doodl3_cli.runfolder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -37,7 +52,7 @@ MAX_TABLE_ROWS = 60
 ACCURACY_PATTERN = re.compile(r"acc", re.IGNORECASE)
 
 
-def write_report(run: RunFolder) -> Path:
+def write_report(run: RunFolder, *, plotly_js: str = "inline") -> Path:
     """Write ``RUN/report.html`` from the artifacts of the run folder.
 
     The page is written under a temporary name in the run folder and renamed into
@@ -48,6 +63,10 @@ def write_report(run: RunFolder) -> Path:
     run : RunFolder
         The run folder. trajectory.h5 is required; landscape.h5, topology.h5 and
         dynamics.h5 are shown when present.
+    plotly_js : {"inline", "beside"}
+        ``inline`` embeds plotly.js in the page, which then is one self-contained
+        file. ``beside`` writes it once as ``RUN/plotly.min.js`` and the page loads
+        it by a relative path, so the page must stay next to that file.
 
     Returns
     -------
@@ -56,11 +75,18 @@ def write_report(run: RunFolder) -> Path:
 
     Raises
     ------
+    Doodl3Error
+        When `plotly_js` is neither ``inline`` nor ``beside``.
     RunFolderError
         When the run folder does not exist.
     ArtifactError
         When trajectory.h5 is missing, unreadable or contains no trajectory.
     """
+    if plotly_js not in PLOTLY_JS_MODES:
+        raise Doodl3Error(
+            f"--plotly-js: expected one of {', '.join(PLOTLY_JS_MODES)}, got {plotly_js!r}; "
+            "use inline for one self-contained page"
+        )
     content = read_run_content(run)
     sections = [
         summary_section(content),
@@ -68,6 +94,7 @@ def write_report(run: RunFolder) -> Path:
         topology_section(content),
         dynamics_section(content),
         diagnostics_section(content),
+        ensemble_section(content),
         provenance_section(content),
     ]
     notes = [
@@ -88,7 +115,10 @@ def write_report(run: RunFolder) -> Path:
         ],
         notes=notes,
         sections=sections,
+        plotly_js=plotly_js,
     )
+    if plotly_js == "beside":
+        _write_atomically(run.path / PLOTLY_FILE, plotly.offline.get_plotlyjs())
     _write_atomically(run.report, page)
     log.info("wrote %s (%.1f MiB)", run.report, run.report.stat().st_size / 2**20)
     return run.report
@@ -127,7 +157,8 @@ def summary_section(content: RunContent) -> Section:
     section = Section(
         "summary", "1. Summary",
         "One row per recorded run. The final loss is each run's last checkpoint evaluated on the "
-        "evaluation set; the basin and attractor region say where on the slice that checkpoint ended.",
+        "evaluation set; the basin and attractor region say where on the slice that checkpoint ended. "
+        "The findings below state what the analysis found, with the measured evidence.",
     )
     landscape = content.landscapes[0] if content.landscapes else None
     topology = content.topologies.get(landscape.name) if landscape else None
@@ -161,7 +192,12 @@ def summary_section(content: RunContent) -> Section:
             Cell(_path_ratio(content, trajectory.name), numeric=True),
         ]
         rows.append(row)
+    shared = _shared_attrs(content)
+    if shared:
+        section.add(note("Every run has " + ", ".join(f"{key} = {_format_attr(value)}" for key, value in shared.items())
+                         + "."))
     section.add(table(headers, rows))
+    section.add(findings_html(content))
 
     if not accuracy_keys:
         section.add(note(
@@ -176,10 +212,25 @@ def summary_section(content: RunContent) -> Section:
 
 
 def _attr_columns(content: RunContent) -> list[str]:
-    """Return the trajectory attributes to show as columns: seed and learning rate first, then the rest by name."""
-    keys = {k for t in content.trajectories for k in t.attrs}
+    """Return the trajectory attributes to show as columns: seed and learning rate first, then the rest by name.
+
+    With more than one run, an attribute that every run has with the same value is
+    left out, because `_shared_attrs` states it once above the table.
+    """
+    keys = {k for t in content.trajectories for k in t.attrs} - set(_shared_attrs(content))
     first = [k for k in ("seed", "learning_rate", "lr") if k in keys]
     return first + sorted(keys - set(first))
+
+
+def _shared_attrs(content: RunContent) -> dict[str, Any]:
+    """Return the attributes that every run has with one value, by name; empty for a single run."""
+    if len(content.trajectories) < 2:
+        return {}
+    first, *others = content.trajectories
+    return {
+        key: value for key, value in sorted(first.attrs.items())
+        if all(key in t.attrs and _format_attr(t.attrs[key]) == _format_attr(value) for t in others)
+    }
 
 
 def _last(values: np.ndarray | None) -> str:
@@ -286,12 +337,15 @@ def _residual_table(content: RunContent, landscape: LandscapeSlice) -> str:
 
 
 def topology_section(content: RunContent) -> Section:
-    """Build the topology section: persistence diagram and significant minima of every slice."""
+    """Build the topology section: persistence diagram, barcode, resolution pyramid and minima of every slice."""
     section = Section(
         "topology", "3. Topology",
         "Each point is a feature of the sublevel sets of the loss: H0 points are minima (born at their "
         "loss, dying when their basin merges into a deeper one), H1 points are rings. Distance above the "
-        "diagonal is persistence; points near the diagonal are sampling noise.",
+        "diagonal is persistence; points near the diagonal are sampling noise. The barcode shows the same "
+        "pairs as bars from birth to death, one panel per homology dimension. The same slice sampled at every "
+        "2nd, 4th, ... point shows which features survive a coarser grid; the bottleneck distance between "
+        "successive levels measures how much the diagram moves.",
     )
     if "topology" in content.problems:
         section.add(_missing_note(content, "topology", "The topology section"))
@@ -301,6 +355,16 @@ def topology_section(content: RunContent) -> Section:
         if len(content.topologies) > 1:
             section.add(f"<h3>Slice '{html.escape(name)}'</h3>")
         section.add(figure_div(figures.persistence_diagram(topology), f"persistence-{_slug(name)}"))
+        section.add(figure_div(topology_figures.barcode(topology), f"barcode-{_slug(name)}"))
+        pyramid = topology_figures.pyramid_figure(topology)
+        if pyramid is not None:
+            section.add(figure_div(pyramid, f"pyramid-{_slug(name)}"))
+        else:
+            section.add(note(
+                f"Slice '{name}': topology.h5 contains no resolution pyramid (it was written by an older doodl3), "
+                "so the persistence across resolutions and the recommended resolution are left out.",
+                command=content.command("topology"),
+            ))
         section.add(_minima_table(content, topology))
         if topology.nonfinite_cells:
             section.add(note(
@@ -361,7 +425,35 @@ def dynamics_section(content: RunContent) -> Section:
         section.add(figure_div(figures.morse_graph(dynamics), f"morse-graph-{slug}"))
         landscape = next((s for s in content.landscapes if s.name == name), None)
         section.add(figure_div(figures.flow_field(dynamics, landscape=landscape), f"flow-field-{slug}"))
+        section.add(_morse_pyramid_table(dynamics))
     return section
+
+
+def _morse_pyramid_table(dynamics: SliceDynamics) -> str:
+    """Tabulate the Morse graph at each coarser grid level, and where each Morse set of the full grid went."""
+    levels = getattr(dynamics, "pyramid", None) or []
+    if not levels:
+        return note(f"Slice '{dynamics.name}': dynamics.h5 contains no Morse graphs of coarser grids, so their "
+                    "stability is not shown.")
+    nx, ny = dynamics.morse.morse_set.shape
+    rows = [[
+        Cell("1 (full grid)"), Cell(f"{nx}x{ny}"), Cell(str(dynamics.morse.n_sets), numeric=True),
+        Cell(str(int(dynamics.morse.attractor.sum())), numeric=True), Cell("itself"),
+    ]]
+    for level in levels:
+        stride = int(level.stride)
+        finest = np.asarray(level.finest_set).tolist()
+        rows.append([
+            Cell(str(stride)),
+            Cell(f"{len(range(0, nx, stride))}x{len(range(0, ny, stride))}"),
+            Cell(str(level.morse.n_sets), numeric=True),
+            Cell(str(int(level.morse.attractor.sum())), numeric=True),
+            Cell(", ".join(f"{k} to {'none' if s < 0 else s}" for k, s in enumerate(finest[:MAX_TABLE_ROWS])) or "none"),
+        ])
+    return "<h3>Morse graph across grid resolutions</h3>" + table(
+        ["sample stride", "grid", "Morse sets", "attractors", "full-grid Morse set k lies in set"], rows,
+    ) + note("A Morse set that survives every coarser grid is a feature of the flow; one that merges or vanishes "
+             "at stride 2 may be an artefact of the sampling.")
 
 
 def _morse_table(content: RunContent, dynamics: SliceDynamics) -> str:
@@ -384,10 +476,12 @@ def _morse_table(content: RunContent, dynamics: SliceDynamics) -> str:
             Cell(kind),
             Cell(str(int(graph.set_cells[s])), numeric=True),
             Cell(format_number(graph.set_min_loss[s]), numeric=True),
+            Cell(figures.conley_text(graph, s)),
             Cell(", ".join(str(b) for b in sorted(below.get(s, []))) or "none"),
             Cell(", ".join(ending.get(s, [])) if graph.attractor[s] else ""),
         ])
-    text = table(["Morse set", "kind", "boxes", "min loss", "flows directly to", "runs ending in its region"], rows)
+    text = table(["Morse set", "kind", "boxes", "min loss", "Conley index", "flows directly to",
+                  "runs ending in its region"], rows)
     if graph.n_sets > MAX_TABLE_ROWS:
         text += note(f"Showing the {MAX_TABLE_ROWS} lowest of {graph.n_sets} Morse sets.")
     elsewhere = [f"{name} ({region_text(code)})" for name, code in final.items() if code < 0]
@@ -403,14 +497,15 @@ def diagnostics_section(content: RunContent) -> Section:
     """Build the diagnostics section: loss, speed and update cosine of every run over its steps."""
     section = Section(
         "diagnostics", "5. Training diagnostics",
-        "Each run over its training steps: the loss, the speed (distance in parameter space per step) and "
-        "the cosine between successive updates. A cosine near -1 means the run oscillates across a valley; "
-        "near 1 it moves straight.",
+        "Each run over its training steps: the loss, the speed (distance in parameter space per step), "
+        "the cosine between successive updates and, where the model could be rebuilt, the sharpness (top "
+        "Hessian eigenvalue). A cosine near -1 means the run oscillates across a valley; near 1 it moves "
+        "straight. Sharpness above 2 / learning rate means gradient descent with that step is unstable.",
     )
     projections = content.landscapes[0].projections if content.landscapes else None
     section.add(figure_div(
-        figures.training_diagnostics(content.trajectories, projections=projections,
-                                     diagnostics=content.diagnostics or None),
+        training_figures.training_diagnostics(content.trajectories, projections=projections,
+                                              diagnostics=content.diagnostics or None, findings=content.findings),
         "training-diagnostics",
     ))
     if "dynamics" in content.problems:
@@ -426,7 +521,7 @@ def diagnostics_section(content: RunContent) -> Section:
 def provenance_section(content: RunContent) -> Section:
     """Build the provenance section: root attributes and slice settings of every artifact."""
     section = Section(
-        "provenance", "6. Provenance",
+        "provenance", "7. Provenance",
         "Which doodl3 version wrote each artifact, when, with which settings, and the content id of each "
         "input it was computed from. An input marked 'changed since' means the artifact is out of date.",
     )

@@ -1,12 +1,10 @@
 """Tests of the outer approximation, Morse decomposition, order and regions."""
 
-import time
-
 import numpy as np
 import pytest
 from scipy import sparse
 
-from doodl3_cli.dynamics.flow import choose_tau, gradient_field, integrate_flow
+from doodl3_cli.dynamics.flow import choose_tau, gradient_field, time_tau_map
 from doodl3_cli.dynamics.morse import (
     REGION_NONE,
     REGION_OUTSIDE,
@@ -37,11 +35,7 @@ def gradient_morse_graph(function, alpha, beta):
     field = gradient_field(alpha, beta, loss)
     tau, _ = choose_tau(field, loss)
 
-    def time_tau_map(points):
-        flow_end = integrate_flow(field, points, tau)
-        return flow_end.end, flow_end.error
-
-    return morse_graph(outer_approximation(alpha, beta, time_tau_map, field.valid), loss, field.valid)
+    return morse_graph(outer_approximation(alpha, beta, time_tau_map(field, tau), field.valid), loss, field.valid)
 
 
 def graph_from_edges(n, edges):
@@ -291,17 +285,14 @@ def test_box_index_convention():
     np.testing.assert_array_equal(inside, [True, True, True, True, False, False])
 
 
-def test_morse_graph_256_grid_is_fast():
+def test_morse_graph_256_grid_one_attractor():
     alpha = np.linspace(-1.0, 1.0, 256)
     beta = np.linspace(-1.0, 1.0, 256)
     a, b = np.meshgrid(alpha, beta, indexing="ij")
     domain = np.ones((256, 256), dtype=bool)
 
-    started = time.perf_counter()
     graph = outer_approximation(alpha, beta, lambda p: (0.5 * p, np.full(len(p), 0.004)), domain)
     result = morse_graph(graph, a**2 + b**2, domain)
-    elapsed = time.perf_counter() - started
 
     assert result.attractor.sum() == 1
     assert (result.regions == np.flatnonzero(result.attractor)[0]).all()
-    assert elapsed < 5.0

@@ -42,9 +42,9 @@ def gradient_descent(start, *, steps=60, lr=0.05, every=5):
     return np.array(params), np.array(step)
 
 
-def write_trajectories(run):
+def write_trajectories(run, starts=STARTS):
     layout = Layout.from_tensors({"w": np.zeros(2, dtype=np.float32)})
-    for name, start in STARTS.items():
+    for name, start in starts.items():
         params, step = gradient_descent(start)
         with TrajectoryWriter(
             run.trajectory, layout=layout, buffer_layout=Layout([]), trajectory=name, metric_keys=["loss"]
@@ -53,7 +53,7 @@ def write_trajectories(run):
                 writer.append(row, np.zeros(0), step=int(t), metrics={"loss": float(double_well(row))})
 
 
-def write_landscape(run, *, loss=None, extra_projections=None):
+def write_landscape(run, *, loss=None, extra_projections=None, starts=STARTS):
     a, b = np.meshgrid(ALPHA, BETA, indexing="ij")
     loss = double_well(np.stack([a, b], axis=-1)) if loss is None else loss
     with h5py.File(run.landscape, "w") as f:
@@ -77,7 +77,7 @@ def write_landscape(run, *, loss=None, extra_projections=None):
         )
         group["loss"][...] = loss
         group["evaluated"][...] = True
-        projections = {name: read_trajectory(run.trajectory, name).params.astype(np.float64) for name in STARTS}
+        projections = {name: read_trajectory(run.trajectory, name).params.astype(np.float64) for name in starts}
         projections.update(extra_projections or {})
         for name, coords in projections.items():
             values = double_well(coords)
@@ -108,7 +108,7 @@ def test_stage_writes_provenance(run):
     assert path == run.dynamics
     with h5py.File(path, "r") as f:
         assert f.attrs["schema"] == "doodl3/dynamics"
-        assert f.attrs["schema_version"] == 1
+        assert f.attrs["schema_version"] == 2
         assert json.loads(f.attrs["upstream"]) == {
             "trajectory.h5": read_content_id(run.trajectory),
             "landscape.h5": read_content_id(run.landscape),
@@ -128,6 +128,54 @@ def test_stage_finds_both_wells(run):
     assert result.morse.attractor[[left, right]].all()
     assert {(saddle, left), (saddle, right)} <= {tuple(p) for p in result.morse.order.tolist()}
     assert result.map == "gradient"
+
+
+def test_stage_groups_runs_by_final_minimum(tmp_path):
+    starts = {"a": (0.4, 1.0), "b": (-0.3, -1.2), "c": (1.8, -1.0), "d": (-0.05, 0.5)}
+    folder = RunFolder(tmp_path)
+    write_trajectories(folder, starts)
+    write_landscape(folder, starts=starts, extra_projections={"not-a-run": np.zeros((3, 2))})
+    run_dynamics(folder)
+
+    result = dynamics_artifact.read_slice(folder.dynamics, "pca")
+    findings = dynamics_artifact.read_findings(folder.dynamics)
+
+    i, j, _ = box_index(ALPHA, BETA, np.array([(-1.0, 0.0), (1.0, 0.0)]))
+    left, right = result.morse.morse_set[i, j]
+    assert result.ensemble.groups == {int(right): ["a", "c"], int(left): ["b", "d"]}
+    assert result.ensemble.runs == ["a", "b", "c", "d"]
+    splits = [f for f in findings if f.kind == "ensemble_split"]
+    assert len(splits) == 1
+    assert splits[0].evidence["groups"] == {str(right): ["a", "c"], str(left): ["b", "d"]}
+
+
+def test_stage_without_config_skips_model_probes(run):
+    run_dynamics(run)
+
+    ensemble = dynamics_artifact.read_ensemble(run.dynamics)
+
+    assert ensemble.runs == ["run-a", "run-b"]
+    assert ensemble.disagreement is None
+    assert ensemble.entropy is None
+    assert all(t.sharpness is None for t in ensemble.trajectories)
+    distance = np.linalg.norm(
+        read_trajectory(run.trajectory, "run-a").params[-1].astype(np.float64)
+        - read_trajectory(run.trajectory, "run-b").params[-1].astype(np.float64)
+    )
+    assert ensemble.final_distance[0, 1] == pytest.approx(distance)
+
+
+def test_stage_stores_conley_indices(run):
+    run_dynamics(run)
+
+    result = dynamics_artifact.read_slice(run.dynamics, "pca")
+
+    i, j, _ = box_index(ALPHA, BETA, np.array([(-1.0, 0.0), (1.0, 0.0), (0.0, 0.0)]))
+    left, right, saddle = result.morse.morse_set[i, j]
+    assert result.morse.conley_index.shape == (result.morse.n_sets, 3)
+    assert result.morse.conley_index[left].tolist() == [1, 0, 0]
+    assert result.morse.conley_index[right].tolist() == [1, 0, 0]
+    assert result.morse.conley_index[saddle].tolist() == [0, 1, 0]
     assert result.tau == pytest.approx(3.0 / 8.0, rel=0.05)
     assert "local-minimum" in result.tau_rule
     assert result.grad_alpha.shape == (41, 31)

@@ -14,15 +14,18 @@ from doodl3_cli.topology import run_topology
 
 SMALL = DemoOptions(seeds=[0, 1], learning_rates=[0.3, 1.2], steps=40, record_every=4, hidden=[16])
 RESOLUTION = 9
+# The line between the final states of a smooth run and an oscillating one, for the loss barrier.
+LINE = "lr0.3-seed0:lr1.2-seed0"
 
 
 @pytest.fixture(scope="session")
 def analysed_run(tmp_path_factory) -> RunFolder:
     """Every stage up to dynamics on a two-seed, two-learning-rate digits ensemble (read-only)."""
     run = prepare_demo_run(tmp_path_factory.mktemp("report") / "demo", SMALL)
-    run_sample(run, SampleOptions(resolution=RESOLUTION))
+    run_sample(run, SampleOptions(resolution=RESOLUTION, line=LINE))
     run_topology(run)
-    run_dynamics(run)
+    # The top Hessian eigenvalue takes minutes on 2 cores; the sharpness panel is tested on hand-built diagnostics.
+    run_dynamics(run, sharpness_checkpoints=0)
     return run
 
 

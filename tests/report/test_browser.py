@@ -1,8 +1,10 @@
-"""Open the report in headless Chromium with the network blocked and check that every figure renders."""
+"""Open reports in headless Chromium with the network blocked and check that every figure renders."""
 
 from pathlib import Path
 
 import pytest
+
+from tests.report.test_page import ALL_FIGURES
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
@@ -28,16 +30,19 @@ RENDERED = """() => Array.from(document.querySelectorAll('div.figure')).map(div 
 }))"""
 
 
-def test_report_renders_offline(analysed_report, tmp_path):
-    console_errors = []
-    page_errors = []
-    blocked = []
+def render_offline(report: Path, screenshot: Path) -> dict:
+    """Open `report` from a file URL with every other request aborted; wait until each figure has drawn.
+
+    Returns the console errors, page errors, blocked URLs and the `RENDERED` record
+    of every figure, and saves a full-page screenshot to `screenshot`.
+    """
+    result = {"console_errors": [], "page_errors": [], "blocked": []}
 
     def only_files(route):
         if route.request.url.startswith("file://"):
             route.continue_()
         else:
-            blocked.append(route.request.url)
+            result["blocked"].append(route.request.url)
             route.abort()
 
     with sync_api.sync_playwright() as playwright:
@@ -46,27 +51,46 @@ def test_report_renders_offline(analysed_report, tmp_path):
             context = browser.new_context(viewport={"width": 1280, "height": 900}, offline=True)
             context.route("**/*", only_files)
             page = context.new_page()
-            page.on("console", lambda message: message.type == "error" and console_errors.append(message.text))
-            page.on("pageerror", lambda error: page_errors.append(str(error)))
+            page.on("console", lambda message: message.type == "error" and result["console_errors"].append(message.text))
+            page.on("pageerror", lambda error: result["page_errors"].append(str(error)))
 
-            page.goto(analysed_report.resolve().as_uri(), wait_until="load")
+            page.goto(report.resolve().as_uri(), wait_until="load")
             page.wait_for_function(
                 "() => Array.from(document.querySelectorAll('div.figure'))"
                 ".every(div => div.querySelector('.main-svg'))",
-                timeout=20_000,
+                timeout=60_000,
             )
-            figures = page.evaluate(RENDERED)
-            screenshot = tmp_path / "report.png"
+            result["figures"] = page.evaluate(RENDERED)
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
+    return result
 
-    assert console_errors == []
-    assert page_errors == []
-    assert blocked == []
-    assert len(figures) == 6
-    for figure in figures:
+
+def test_report_renders_offline(analysed_report, tmp_path):
+    screenshot = tmp_path / "report.png"
+
+    result = render_offline(analysed_report, screenshot)
+
+    assert result["console_errors"] == []
+    assert result["page_errors"] == []
+    assert result["blocked"] == []
+    assert [f["id"] for f in result["figures"]] == [f"{name}-box" for name in ALL_FIGURES]
+    for figure in result["figures"]:
         assert figure["svg"] > 0 or figure["webgl"] > 0, figure["id"]
-    surface = next(f for f in figures if f["id"] == "landscape-surface-pca-box")
+    surface = next(f for f in result["figures"] if f["id"] == "landscape-surface-pca-box")
     assert surface["webgl"] > 0
     assert screenshot.stat().st_size > 10_000
+
+
+def test_report_beside_renders_offline(run_copy, tmp_path):
+    from doodl3_cli.report.page import write_report
+
+    report = write_report(run_copy, plotly_js="beside")
+
+    result = render_offline(report, tmp_path / "beside.png")
+
+    assert result["console_errors"] == []
+    assert result["page_errors"] == []
+    assert result["blocked"] == []
+    assert len(result["figures"]) == len(ALL_FIGURES)

@@ -8,10 +8,10 @@ import pytest
 
 from doodl3_cli.artifacts.dynamics import SliceDynamics
 from doodl3_cli.artifacts.landscape import LandscapeSlice, Projection
-from doodl3_cli.artifacts.topology import Minima, PersistencePairs, SliceTopology
+from doodl3_cli.artifacts.topology import Minima, PersistencePairs, Pyramid, SliceTopology
 from doodl3_cli.artifacts.trajectory import Trajectory
 from doodl3_cli.dynamics.morse import REGION_OUTSIDE, MorseGraph
-from doodl3_cli.report import figures
+from doodl3_cli.report import figures, topology_figures, training_figures
 
 
 def _landscape(nx: int = 5, ny: int = 4, runs: int = 2, steps: int = 3) -> LandscapeSlice:
@@ -170,8 +170,99 @@ def test_training_diagnostics_without_dynamics_has_loss_panel_only():
         source=["live"] * 3, source_digest=["a", "b", "c"], attrs={},
     )
 
-    fig = figures.training_diagnostics([trajectory])
+    fig = training_figures.training_diagnostics([trajectory])
 
     assert len(fig.layout.annotations) == 1
     assert fig.data[0].y == (2.0, None, 1.0)
     _strict_json(fig)
+
+
+def _topology_with_pairs() -> SliceTopology:
+    """Four pairs: H0 (0.1, inf) essential, H0 (0.2, 0.9), H0 (0.3, 0.35) below the threshold, H1 (0.5, 0.8)."""
+    topology = _empty_topology()
+    topology.pairs = PersistencePairs(
+        dim=np.array([0, 0, 0, 1]), birth=np.array([0.1, 0.2, 0.3, 0.5]), death=np.array([np.inf, 0.9, 0.35, 0.8]),
+        birth_cell=np.zeros((4, 2), np.int64), death_cell=np.zeros((4, 2), np.int64), birth_coords=np.zeros((4, 2)),
+        death_coords=np.zeros((4, 2)), essential=np.array([True, False, False, False]),
+        significant=np.array([True, True, False, True]),
+    )
+    return topology
+
+
+def test_barcode_panels_and_bar_order():
+    fig = topology_figures.barcode(_topology_with_pairs())
+
+    traces = {trace.name: trace for trace in fig.data}
+    significant = traces["H0 significant"]
+    assert [a.text for a in fig.layout.annotations[:2]] == ["H0: minima and their basins", "H1: rings (loops of low loss)"]
+    assert set(traces) == {"H0 significant", "H0 below the threshold", "H1 significant"}
+    # Most persistent first: the essential bar on row 0 runs to the right edge, (0.2, 0.9) on row 1.
+    assert significant.y == (0, 0, None, 1, 1, None)
+    assert significant.x[0] == 0.1
+    assert significant.x[1] > 0.9
+    assert significant.x[3:5] == (0.2, 0.9)
+    assert significant.marker.size == (0, 11, 0, 0, 0, 0)
+    assert traces["H0 below the threshold"].y == (2, 2, None)
+    assert traces["H1 significant"].x == (0.5, 0.8, None)
+    _strict_json(fig)
+
+
+def test_barcode_caps_bars_per_dimension():
+    fig = topology_figures.barcode(_topology_with_pairs(), max_bars=2)
+
+    assert "H0: the 2 most persistent of 3 bars" in fig.layout.title.text
+    assert all(trace.name != "H0 below the threshold" for trace in fig.data)
+
+
+def test_empty_barcode_says_so():
+    fig = topology_figures.barcode(_empty_topology())
+
+    assert "no persistence pair" in fig.layout.title.text
+    _strict_json(fig)
+
+
+def test_pyramid_figure_absent_without_pyramid():
+    assert topology_figures.pyramid_figure(_empty_topology()) is None
+
+
+def test_pyramid_figure_marks_recommended_level():
+    topology = _empty_topology()
+    topology.pyramid = Pyramid(
+        stride=np.array([1, 2, 4]), shape=np.array([[41, 41], [21, 21], [11, 11]]),
+        significant_counts=np.array([[2, 0], [2, 0], [1, 0]]), essential_counts=np.array([[1, 0], [1, 0], [1, 0]]),
+        bottleneck=np.array([[0.01, 0.0], [np.inf, 0.0]]), level=np.array([0, 0, 1, 1, 2]),
+        dim=np.array([0, 0, 0, 0, 0]), birth=np.array([0.1, 0.2, 0.1, 0.21, 0.12]),
+        death=np.array([np.inf, 0.5, np.inf, 0.48, np.inf]), significant=np.array([True, True, True, True, True]),
+        recommended_level=1, unstable=False,
+    )
+
+    fig = topology_figures.pyramid_figure(topology)
+
+    title = fig.layout.title.text
+    assert "recommended resolution: level 1, sample stride 2 (21x21)" in title
+    assert "infinite distance" in title
+    assert "unstable" not in title
+    h0 = next(trace for trace in fig.data if trace.name == "H0 bottleneck")
+    assert h0.x == ("21x21", "11x11")
+    assert h0.y[0] == 0.01
+    assert h0.y[1] == pytest.approx(0.01 * 1.15)
+    assert [trace.name for trace in fig.data if trace.name.startswith("level")] == [
+        "level 0: 41x41", "level 1: 21x21 (recommended)", "level 2: 11x11"]
+    _strict_json(fig)
+
+
+def test_morse_graph_labels_conley_index():
+    dynamics = _dynamics_without_domain()
+    dynamics.morse = MorseGraph(
+        cell_scc=np.zeros((5, 4), np.int32), morse_set=np.zeros((5, 4), np.int32),
+        hasse_edges=np.array([[1, 0]]), order=np.array([[1, 0]]), attractor=np.array([True, False]),
+        repeller=np.array([False, True]), set_min_loss=np.array([0.05, 2.0]), set_cells=np.array([3, 1]),
+        regions=np.zeros((5, 4), np.int32), map_edges=10, conley_index=np.array([[1, 0, 0], [0, 0, 1]]),
+    )
+
+    fig = figures.morse_graph(dynamics)
+
+    attractor = next(trace for trace in fig.data if trace.name == "attractor")
+    assert attractor.text == ("0  CH=(1,0,0)  loss 0.05",)
+    assert "attracting, like a minimum" in attractor.hovertext[0]
+    assert list(fig.layout.yaxis.range) == [-0.5, 1.5]

@@ -11,9 +11,10 @@ from doodl3_cli.artifacts import dynamics as dynamics_artifact
 from doodl3_cli.artifacts import landscape as landscape_artifact
 from doodl3_cli.artifacts import topology as topology_artifact
 from doodl3_cli.artifacts.trajectory import list_trajectories
-from doodl3_cli.dynamics.stage import run_dynamics
-from doodl3_cli.errors import ArtifactError, RunFolderError
+from doodl3_cli.errors import ArtifactError, Doodl3Error, RunFolderError
 from doodl3_cli.report.figures import format_number
+from doodl3_cli.report.findings import finding_sentence
+from doodl3_cli.report.html import PLOTLY_FILE
 from doodl3_cli.report.page import write_report
 from doodl3_cli.runfolder import RunFolder
 from doodl3_cli.topology import run_topology
@@ -22,9 +23,14 @@ ALL_FIGURES = [
     "landscape-contour-pca",
     "landscape-surface-pca",
     "persistence-pca",
+    "barcode-pca",
+    "pyramid-pca",
     "morse-graph-pca",
     "flow-field-pca",
     "training-diagnostics",
+    "ensemble-distances",
+    "ensemble-disagreement",
+    "ensemble-barriers",
 ]
 
 
@@ -118,7 +124,7 @@ def test_sections_in_order_with_intro(analysed_report):
     page = analysed_report.read_text(encoding="utf-8")
     anchors = re.findall(r'<section id="([^"]+)">', page)
 
-    assert anchors == ["summary", "landscape", "topology", "dynamics", "diagnostics", "provenance"]
+    assert anchors == ["summary", "landscape", "topology", "dynamics", "diagnostics", "ensemble", "provenance"]
     assert page.count('<p class="intro">') == len(anchors)
 
 
@@ -189,8 +195,8 @@ def test_missing_dynamics_gives_note(run_copy):
     page = write_report(run_copy).read_text(encoding="utf-8")
 
     assert f"doodl3 dynamics {run_copy.path}" in html.unescape(page)
-    assert _figure_ids(page) == ["landscape-contour-pca", "landscape-surface-pca", "persistence-pca",
-                                 "training-diagnostics"]
+    assert _figure_ids(page) == ["landscape-contour-pca", "landscape-surface-pca", "persistence-pca", "barcode-pca",
+                                 "pyramid-pca", "training-diagnostics", "ensemble-distances", "ensemble-barriers"]
     assert sorted(_figure_payloads(page)) == sorted(_figure_ids(page))
 
 
@@ -200,7 +206,7 @@ def test_missing_landscape_leaves_out_its_sections(run_copy):
 
     page = html.unescape(write_report(run_copy).read_text(encoding="utf-8"))
 
-    assert _figure_ids(page) == ["training-diagnostics"]
+    assert _figure_ids(page) == ["training-diagnostics", "ensemble-distances"]
     for command in ("doodl3 sample", "doodl3 topology", "doodl3 dynamics"):
         assert f"{command} {run_copy.path}" in page
 
@@ -236,7 +242,8 @@ def test_nonfinite_cells_are_masked_and_counted(run_copy):
         group["loss"][...] = loss
         group.attrs["nonfinite_cells"] = 3
     run_topology(run_copy)
-    run_dynamics(run_copy)
+    # The flow on a grid with non-finite cells is covered by test_robustness, which runs the dynamics stage.
+    run_copy.dynamics.unlink()
 
     page = write_report(run_copy).read_text(encoding="utf-8")
     payloads = _figure_payloads(_outside_plotlyjs(page))
@@ -293,3 +300,93 @@ def test_provenance_lists_every_artifact(analysed_run, analysed_report):
         assert created in provenance
     assert "resolution = 9" in provenance
     assert "(current)" in provenance
+
+
+def test_plotlyjs_beside_written_once(run_copy):
+    page = write_report(run_copy, plotly_js="beside").read_text(encoding="utf-8")
+    bundle = run_copy.path / PLOTLY_FILE
+
+    assert bundle.read_text(encoding="utf-8") == plotly.offline.get_plotlyjs()
+    assert plotly.offline.get_plotlyjs() not in page
+    assert re.findall(r"<script[^>]*\bsrc\s*=\s*\"([^\"]+)\"", page) == [PLOTLY_FILE]
+    assert sorted(_figure_payloads(page)) == sorted(ALL_FIGURES)
+    assert list(run_copy.path.glob(".*.tmp")) == []
+
+
+def test_unknown_plotlyjs_mode_raises(run_copy):
+    with pytest.raises(Doodl3Error, match=r"--plotly-js: expected one of inline, beside, got 'cdn'"):
+        write_report(run_copy, plotly_js="cdn")
+    assert not (run_copy.path / PLOTLY_FILE).exists()
+
+
+def test_barrier_table_matches_landscape_line(analysed_run, analysed_report):
+    page = html.unescape(analysed_report.read_text(encoding="utf-8"))
+    line = landscape_artifact.read_line(analysed_run.landscape)
+    data, _ = _figure_payloads(page)["ensemble-barriers"]
+
+    assert f"<td>{line.name}</td><td>lr0.3-seed0</td><td>lr1.2-seed0</td>" in page.replace("\n", "")
+    assert format_number(line.attrs["barrier"]) in page
+    assert data[0]["name"] == "lr0.3-seed0 to lr1.2-seed0"
+    assert data[0]["y"] == pytest.approx(line.loss.tolist())
+
+
+def test_disagreement_matches_dynamics(analysed_run, analysed_report):
+    measures = dynamics_artifact.read_ensemble(analysed_run.dynamics)
+    data, _ = _figure_payloads(analysed_report.read_text(encoding="utf-8"))["ensemble-disagreement"]
+
+    assert data[0]["x"] == measures.runs
+    assert np.array(data[0]["z"]) == pytest.approx(100 * measures.disagreement)
+
+
+def test_summary_states_stored_findings(analysed_run, analysed_report):
+    page = html.unescape(analysed_report.read_text(encoding="utf-8"))
+    summary = page[page.index('<section id="summary">'):page.index('<section id="landscape">')]
+    findings = dynamics_artifact.read_findings(analysed_run.dynamics)
+
+    assert "<h3>Findings</h3>" in summary
+    assert summary.count("<li") == len(findings) + 2
+    for finding in findings:
+        assert finding_sentence(finding) in summary
+
+
+def test_training_figure_without_sharpness(analysed_report):
+    _, layout = _figure_payloads(analysed_report.read_text(encoding="utf-8"))["training-diagnostics"]
+    titles = [annotation["text"] for annotation in layout["annotations"]]
+
+    assert titles[:3] == ["loss", "speed (parameter distance per step)", "cosine between successive updates"]
+    assert not any(title.startswith("sharpness") for title in titles)
+
+
+def test_topology_without_pyramid_gets_note(run_copy):
+    with h5py.File(run_copy.topology, "a") as f:
+        del f["slices/pca/pyramid"]
+
+    page = html.unescape(write_report(run_copy).read_text(encoding="utf-8"))
+
+    assert "pyramid-pca" not in _figure_ids(page)
+    assert "contains no resolution pyramid" in page
+    assert f"doodl3 topology {run_copy.path}" in page
+
+
+def test_demo_contour_uses_log_scale(analysed_run, analysed_report):
+    landscape = landscape_artifact.read_slice(analysed_run.landscape, with_vectors=False)
+    data, layout = _figure_payloads(analysed_report.read_text(encoding="utf-8"))["landscape-contour-pca"]
+    finite = landscape.loss[np.isfinite(landscape.loss)]
+    expect_log = finite.max() / finite.min() > 100
+
+    assert ("colours on a log scale" in _title(layout)) == expect_log
+    if expect_log:
+        assert data[0]["zmax"] == pytest.approx(np.log10(finite.max()))
+        assert data[0]["customdata"][3][4] == pytest.approx(landscape.loss[4, 3])
+
+
+def test_morse_pyramid_table_matches_dynamics(analysed_run, analysed_report):
+    page = html.unescape(analysed_report.read_text(encoding="utf-8"))
+    dynamics = dynamics_artifact.read_slice(analysed_run.dynamics)
+    section = page[page.index('<section id="dynamics">'):page.index('<section id="diagnostics">')]
+
+    assert "<h3>Morse graph across grid resolutions</h3>" in section
+    for level in dynamics.pyramid:
+        mapping = ", ".join(f"{k} to {'none' if s < 0 else s}" for k, s in enumerate(level.finest_set.tolist()))
+        assert f"<td>{level.stride}</td>" in section
+        assert mapping in section
