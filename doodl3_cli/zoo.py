@@ -104,7 +104,12 @@ def double_well_value(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x * x - 1.0) ** 2 + y * y
 
 
-SURFACES = {"himmelblau": himmelblau_value, "double_well": double_well_value}
+def ring_value(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Ring-shaped valley (x^2 + y^2 - 1)^2: minima of value 0 on the unit circle, a maximum of 1 at the origin."""
+    return (x * x + y * y - 1.0) ** 2
+
+
+SURFACES = {"himmelblau": himmelblau_value, "double_well": double_well_value, "ring": ring_value}
 
 
 class AnalyticSurface(nn.Module):
@@ -116,7 +121,7 @@ class AnalyticSurface(nn.Module):
 
     Parameters
     ----------
-    surface : {"himmelblau", "double_well"}
+    surface : {"himmelblau", "double_well", "ring"}
     start : sequence of two floats
         Initial position.
     """

@@ -256,3 +256,23 @@ def test_cli_invalid_stderr_message(tmp_path):
     assert result.exit_code == 1
     assert "slice 'pca'" in result.output
     assert "negative standard errors" in result.output
+
+
+def test_ring_valley_one_significant_ring(tmp_path):
+    starts = [(1.6, 0.0), (0.0, 1.6), (-1.6, 0.2), (0.3, -1.6), (0.4, 0.3)]
+    run = build_run(tmp_path, "ring", starts, 61, [])
+
+    topology = topology_artifact.read_slice(run.topology)
+    landscape = landscape_artifact.read_slice(run.landscape)
+
+    rings = topology.pairs.significant & (topology.pairs.dim == 1)
+    components = topology.pairs.significant & (topology.pairs.dim == 0)
+    assert rings.sum() == 1
+    assert components.sum() == 1
+    # The ring is born once the grid samples nearest the unit circle close the loop,
+    # a few hundredths above the true minimum 0 at this spacing.
+    assert topology.pairs.birth[rings][0] < 0.05
+    center_value = landscape.loss[tuple(topology.pairs.death_cell[rings][0])]
+    assert topology.pairs.death[rings][0] == pytest.approx(center_value)
+    death_point = to_parameters(landscape, topology.pairs.death_coords[rings][0])
+    assert np.linalg.norm(death_point) <= cell_diagonal(landscape)

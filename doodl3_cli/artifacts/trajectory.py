@@ -25,11 +25,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import glob
 import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,6 +52,7 @@ from doodl3_cli.errors import ArtifactError, CheckpointError
 
 log = logging.getLogger(__name__)
 
+READ_ATTEMPTS = 5
 SCHEMA = "doodl3/trajectory"
 # Version 2 stores `source` and `source_digest` as fixed-length strings. Version 1 used
 # variable-length strings, which HDF5 keeps in a global heap that SWMR writing does not
@@ -220,12 +223,36 @@ def read_str_rows(dataset: h5py.Dataset, rows: int) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in dataset[:rows]]
 
 
+def _retry_while_writing(read):
+    """Retry `read(path, ...)` a few times when it fails while a writer holds the file.
+
+    A reader that opens the file just as a writer starts or extends it can see
+    metadata from before and after the change. Such a read fails with an HDF5
+    error or a missing group; a second look a moment later sees a consistent file.
+    """
+
+    @functools.wraps(read)
+    def wrapper(path, *args, **kwargs):
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return read(path, *args, **kwargs)
+            except (ArtifactError, OSError, RuntimeError, KeyError):
+                if attempt == READ_ATTEMPTS - 1 or not writer_active(Path(path)):
+                    raise
+                log.debug("%s: read during a write failed, retrying", path)
+                time.sleep(0.1 * (attempt + 1))
+
+    return wrapper
+
+
+@_retry_while_writing
 def read_layouts(path: Path) -> tuple[Layout, Layout]:
     """Return the (parameter, buffer) layouts of a trajectory file."""
     with open_trajectory(path) as f:
         return read_layout_group(f["layout"]), read_layout_group(f["buffer_layout"])
 
 
+@_retry_while_writing
 def list_trajectories(path: Path) -> list[str]:
     """Return the names of the recorded trajectories, in creation order."""
     with open_trajectory(path) as f:
@@ -237,6 +264,7 @@ def list_trajectories(path: Path) -> list[str]:
         return sorted(names, key=order.__getitem__)
 
 
+@_retry_while_writing
 def read_trajectory(path: Path, name: str) -> Trajectory:
     """Read one trajectory into memory.
 
