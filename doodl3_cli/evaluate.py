@@ -96,19 +96,46 @@ class EvaluationSetup:
     device: torch.device
 
 
-def build_setup(config: RunConfig, *, base: Path, device: str | None = None) -> EvaluationSetup:
+def build_setup(
+    config: RunConfig, *, base: Path, device: str | None = None, recorded: Path | None = None
+) -> EvaluationSetup:
     """Build model, evaluation data and loss from a run configuration.
 
     The loss entry names the loss function itself (e.g. ``torch.nn.functional:cross_entropy``);
     its kwargs are bound to it. It must return the mean loss of a batch.
+
+    Parameters
+    ----------
+    recorded : Path, optional
+        trajectory.h5 whose parameter layout the model must match.
+
+    Raises
+    ------
+    ConfigError
+        When a factory fails, or the model's parameters differ from those recorded.
     """
     model = call_factory(config.model, base=base)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{config.path}: [model] factory returned {type(model).__name__}, not a torch.nn.Module")
+    if recorded is not None:
+        _check_recorded_layout(model, config, recorded)
     inputs, targets = materialise_data(call_factory(config.data, base=base), source=f"[data] in {config.path}")
     loss_fn = functools.partial(resolve_factory(config.loss, base=base), **config.loss.kwargs)
     resolved = resolve_device(device or config.device)
     return EvaluationSetup(model.to(resolved).eval(), inputs.to(resolved), targets.to(resolved), loss_fn, config.batch_size, resolved)
+
+
+def _check_recorded_layout(model: nn.Module, config: RunConfig, recorded: Path) -> None:
+    from doodl3_cli.artifacts.trajectory import describe_layout_mismatch, read_layouts
+    from doodl3_cli.checkpoints import model_layouts
+
+    stored, _ = read_layouts(recorded)
+    built, _ = model_layouts(model)
+    if not stored.same_structure(built):
+        raise ConfigError(
+            f"{config.path}: [model] builds parameters that differ from those recorded in {recorded} "
+            f"({describe_layout_mismatch(stored, built)}); make [model] build the recorded architecture"
+        )
 
 
 BATCHNORM_POLICIES = ("fixed", "recompute")

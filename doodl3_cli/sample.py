@@ -286,7 +286,9 @@ def run_sample(
         raise ArtifactError(f"{run.trajectory}: holds no checkpoint; run `doodl3 record {run.path} --from DIR` first")
     config = run.load_config()
     world = _World()
-    setup = build_setup(config, base=run.path, device=world.device(options.device or config.device))
+    setup = build_setup(
+        config, base=run.path, device=world.device(options.device or config.device), recorded=run.trajectory
+    )
     world.start(setup.device)
     try:
         return _sample(run, options, progress, layout, buffer_layout, trajectories, config, setup, world)

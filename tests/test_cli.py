@@ -149,3 +149,19 @@ def test_demo_keeps_user_config(tmp_path):
     assert result.exit_code == 1
     assert "not the demo's configuration" in result.stderr
     assert (tmp_path / "doodl3.toml").read_text() == "# mine\n"
+
+
+def test_sample_model_differs_from_recording(tmp_path, mlp_checkpoints, write_config):
+    folder, _ = mlp_checkpoints
+    run = tmp_path / "run"
+    write_config(run)
+    record_directory(run, folder)
+    write_config(run, model_kwargs={"in_features": 64, "hidden": [16], "classes": 10})
+
+    result = runner.invoke(app, ["sample", str(run), "--resolution", "3"])
+
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "[model] builds parameters that differ from those recorded" in result.stderr
+    assert "0.weight: (8, 64) vs (16, 64)" in result.stderr
+    assert not (run / "landscape.h5").exists()

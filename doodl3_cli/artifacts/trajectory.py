@@ -442,7 +442,7 @@ class TrajectoryWriter:
             raise
         if not stored.same_structure(self.layout):
             f.close()
-            mismatch = _describe_mismatch(stored, self.layout)
+            mismatch = describe_layout_mismatch(stored, self.layout)
             raise CheckpointError(
                 f"{self.path}: the model's parameters do not match the recorded layout ({mismatch}); "
                 "record this model into a new run folder"
@@ -624,7 +624,8 @@ def _to_attr(value: Any) -> Any:
     return value
 
 
-def _describe_mismatch(stored: Layout, new: Layout) -> str:
+def describe_layout_mismatch(stored: Layout, new: Layout) -> str:
+    """Name at most five missing, unexpected and reshaped tensors between two layouts."""
     stored_map = {e.name: e.shape for e in stored.entries}
     new_map = {e.name: e.shape for e in new.entries}
     missing = [n for n in stored_map if n not in new_map][:5]

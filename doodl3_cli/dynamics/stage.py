@@ -164,7 +164,7 @@ def _evaluation_setup(run: RunFolder, device: str | None):
         return None
     from doodl3_cli.evaluate import build_setup
 
-    return build_setup(run.load_config(), base=run.path, device=device)
+    return build_setup(run.load_config(), base=run.path, device=device, recorded=run.trajectory)
 
 
 def analyse_slice(
