@@ -215,19 +215,39 @@ def _torch_load(path: Path, *, trust: bool, mmap: bool) -> Any:
                 f"{path}: loading needs arbitrary unpickling of the global '{rejected.group(1)}', which "
                 "weights_only=True rejects; if you trust where this file came from, rerun with --trust-checkpoints"
             ) from exc
-        raise CheckpointError(f"{path}: cannot be loaded as a PyTorch checkpoint ({_first_line(exc)})") from exc
+        raise _not_loadable(path, exc) from exc
     except RuntimeError as exc:
         # Files in the legacy (pre-zip) format cannot be memory-mapped.
         if mmap and "mmap" in str(exc):
             return _torch_load(path, trust=trust, mmap=False)
-        raise CheckpointError(f"{path}: cannot be loaded as a PyTorch checkpoint ({_first_line(exc)})") from exc
+        raise _not_loadable(path, exc) from exc
     except Exception as exc:  # torch raises EOFError, zipfile errors, OSError, ...
-        raise CheckpointError(f"{path}: cannot be loaded as a PyTorch checkpoint ({_first_line(exc)})") from exc
+        raise _not_loadable(path, exc) from exc
+
+
+def _not_loadable(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: cannot be loaded as a PyTorch checkpoint ({_first_line(exc)}); the file may be truncated "
+        "or not written by torch.save: move it out of the folder or replace it"
+    )
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """Return the exception's type and the line of its message that names the cause.
+
+    torch's weights_only errors open with advice about `weights_only`; the cause
+    follows the words "WeightsUnpickler error:", so that line is taken when present.
+    Terminal escape codes are removed.
+    """
+    text = _ANSI_ESCAPE.sub("", str(exc)).strip()
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].strip()
+    first = text.splitlines()[0].strip() if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _from_torch_object(path: Path, obj: Any, model_names: list[str] | None) -> Checkpoint:

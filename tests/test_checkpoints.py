@@ -308,3 +308,17 @@ def test_shard_index_names_missing_tensor(tmp_path):
         f"{folder / 'model.safetensors.index.json'}: 1 tensors listed in the index are in none of its shards, "
         "e.g. ['b']; the checkpoint is incomplete"
     )
+
+
+def test_load_error_names_cause_without_escape_codes(tmp_path):
+    path = tmp_path / "step-1.pt"
+    path.write_text("not a checkpoint")
+
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+
+    message = str(info.value)
+    assert message.startswith(f"{path}: cannot be loaded as a PyTorch checkpoint (")
+    assert "move it out of the folder or replace it" in message
+    assert "\x1b" not in message
+    assert "\n" not in message
