@@ -173,7 +173,7 @@ def read_checkpoint(
         from a trusted source, because unpickling can run any code.
     model_names : list of str, optional
         Parameter and buffer names of the model. For a Lightning checkpoint the keys
-        under the prefix that holds all of them are kept and the rest dropped; without
+        under the prefix that contains all of them are kept and the rest dropped; without
         names the prefix holding the most scalars is kept.
     mmap : bool
         Map PyTorch files into memory instead of reading them, for reading the
@@ -183,7 +183,7 @@ def read_checkpoint(
     ------
     CheckpointError
         When the file cannot be loaded, needs arbitrary unpickling without `trust`,
-        or holds no tensors.
+        or contains no tensors.
     """
     if path.is_dir():
         return _read_folder(path, trust=trust, model_names=model_names, mmap=mmap)
@@ -265,7 +265,7 @@ def _from_torch_object(path: Path, obj: Any, model_names: list[str] | None) -> C
         hparams = _scalar_hparams(obj)
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
-            f"{path}: holds no state_dict (expected a dict of tensors, or one nested under "
+            f"{path}: contains no state_dict (expected a dict of tensors, or one nested under "
             f"{', '.join(NESTED_KEYS)})"
         )
 
@@ -287,7 +287,7 @@ def _from_torch_object(path: Path, obj: Any, model_names: list[str] | None) -> C
 def select_submodule(
     state: dict[str, torch.Tensor], model_names: list[str] | None
 ) -> tuple[dict[str, torch.Tensor], str, list[str]]:
-    """Keep the keys of `state` under the prefix that holds the model's weights.
+    """Keep the keys of `state` under the prefix that contains the model's weights.
 
     Returns the kept tensors with the prefix removed, the prefix and the dropped keys.
     With `model_names`, the prefix is the shortest one under which every name is
@@ -381,7 +381,7 @@ def _read_folder(path: Path, *, trust: bool, model_names: list[str] | None, mmap
     members = [m for m in _folder_members(path) if m.name != TRAINER_STATE]
     if not members:
         raise CheckpointError(
-            f"{path}: folder holds no model weights (expected {', '.join(FOLDER_WEIGHT_FILES + INDEX_FILES)} "
+            f"{path}: folder contains no model weights (expected {', '.join(FOLDER_WEIGHT_FILES + INDEX_FILES)} "
             "or one .safetensors file)"
         )
     index = members[0] if members[0].name in INDEX_FILES else None

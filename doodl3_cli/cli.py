@@ -149,7 +149,7 @@ def _parse_pairs(values: list[str], option: str) -> dict[str, object]:
 
 
 RunArgument = typer.Argument(
-    ..., metavar="RUN", help="The run folder that holds doodl3.toml and the artifacts.", file_okay=False
+    ..., metavar="RUN", help="The run folder that contains doodl3.toml and the artifacts.", file_okay=False
 )
 
 

@@ -116,7 +116,7 @@ def prepare_demo_run(path: Path, options: DemoOptions, *, progress=None) -> RunF
     Raises
     ------
     RunFolderError
-        When the folder already holds a trajectory.h5, or a doodl3.toml other than
+        When the folder already contains a trajectory.h5, or a doodl3.toml other than
         the demo's: the demo never overwrites the user's work.
     """
     run = RunFolder(path)

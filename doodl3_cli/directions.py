@@ -62,7 +62,7 @@ def pca_directions(checkpoints: list[np.ndarray], *, column_block: int | None = 
     total = sum(int(c.shape[0]) for c in checkpoints)
     if total < 3:
         raise AnalysisError(
-            f"PCA directions need at least 3 recorded checkpoints, trajectory.h5 holds {total}; "
+            f"PCA directions need at least 3 recorded checkpoints, trajectory.h5 contains {total}; "
             "record more checkpoints"
         )
     size = int(checkpoints[0].shape[1])

@@ -164,7 +164,7 @@ def find_checkpoints(source: Path) -> list[Path]:
     one model's weights (a Hugging Face ``checkpoint-N/``, a sharded safetensors index).
     """
     if not source.is_dir():
-        raise RunFolderError(f"--from {source}: not a directory; pass the folder that holds the checkpoints")
+        raise RunFolderError(f"--from {source}: not a directory; pass the folder that contains the checkpoints")
     if is_checkpoint_folder(source):
         raise CheckpointError(
             f"--from {source}: is one checkpoint folder (it contains a model's weights), not a folder of "
@@ -328,7 +328,7 @@ def record_directory(
     Parameters
     ----------
     run_path : Path
-        The run folder; created when missing. When it holds doodl3.toml, keys are
+        The run folder; created when missing. When it contains doodl3.toml, keys are
         matched against the model it builds.
     source : Path
         Folder of checkpoint files and checkpoint folders (see `read_checkpoint`).
@@ -388,12 +388,12 @@ def record_subfolders(
     order: str = "auto",
     trust: bool = False,
 ) -> list[IngestResult]:
-    """Ingest every subfolder of `source` that holds checkpoints as its own trajectory, named after it.
+    """Ingest every subfolder of `source` that contains checkpoints as its own trajectory, named after it.
 
     Raises
     ------
     CheckpointError
-        When no subfolder holds checkpoints, or as `record_directory`.
+        When no subfolder contains checkpoints, or as `record_directory`.
     """
     if not source.is_dir():
         raise RunFolderError(f"--from {source}: not a directory; pass the folder whose subfolders hold the runs")

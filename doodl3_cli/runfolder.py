@@ -1,6 +1,6 @@
 """The run folder: artifact paths, doodl3.toml loading and staleness.
 
-A run folder holds ``doodl3.toml`` (how to rebuild model, data and loss) and one
+A run folder contains ``doodl3.toml`` (how to rebuild model, data and loss) and one
 HDF5 artifact per stage. Staleness is decided from content ids: a stage is stale
 when its artifact is missing or records an upstream content id that differs from
 the upstream artifact's current one.
@@ -97,7 +97,7 @@ class RunFolder:
                 f"or `doodl3 demo {self.path}`"
             )
         if not self.path.is_dir():
-            raise RunFolderError(f"{self.path}: not a directory; pass the run folder that holds the artifacts")
+            raise RunFolderError(f"{self.path}: not a directory; pass the run folder that contains the artifacts")
 
     def load_config(self) -> RunConfig:
         """Parse doodl3.toml.

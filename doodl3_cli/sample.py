@@ -272,7 +272,7 @@ def run_sample(
     Raises
     ------
     ArtifactError
-        When trajectory.h5 is missing or holds no checkpoint, or landscape.h5 cannot be written.
+        When trajectory.h5 is missing or contains no checkpoint, or landscape.h5 cannot be written.
     ConfigError
         When doodl3.toml cannot build the model, data or loss, or an option is invalid.
     AnalysisError
@@ -283,7 +283,7 @@ def run_sample(
     layout, buffer_layout = read_layouts(run.trajectory)
     trajectories = [t for t in read_all_trajectories(run.trajectory) if t.params.shape[0] > 0]
     if not trajectories:
-        raise ArtifactError(f"{run.trajectory}: holds no checkpoint; run `doodl3 record {run.path} --from DIR` first")
+        raise ArtifactError(f"{run.trajectory}: contains no checkpoint; run `doodl3 record {run.path} --from DIR` first")
     config = run.load_config()
     world = _World()
     setup = build_setup(

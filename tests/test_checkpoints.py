@@ -136,7 +136,7 @@ def test_load_rejects_dict_without_tensors(tmp_path):
     path = tmp_path / "step-1.pt"
     torch.save({"step": 1, "lr": 0.1}, path)
 
-    with pytest.raises(CheckpointError, match=re.escape(f"{path}: holds no state_dict")):
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: contains no state_dict")):
         load_checkpoint(path)
 
 

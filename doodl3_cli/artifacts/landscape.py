@@ -123,7 +123,7 @@ def read_slice(path: Path, name: str | None = None, *, with_vectors: bool = True
     Raises
     ------
     ArtifactError
-        When the file holds no slice or not the one named.
+        When the file contains no slice or not the one named.
     """
     with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND) as f:
         g = _named_group(f, "slices", name, path=path, rerun=COMMAND)
@@ -246,7 +246,7 @@ def _named_group(f: h5py.File, kind: str, name: str | None, *, path: Path, rerun
     singular = kind[:-1]
     groups = f.get(kind)
     if groups is None or len(groups) == 0:
-        raise ArtifactError(f"{path}: holds no {singular}; rerun `{rerun}`")
+        raise ArtifactError(f"{path}: contains no {singular}; rerun `{rerun}`")
     if name is None:
         name = next(iter(groups.keys()))
     if name not in groups:
@@ -260,7 +260,7 @@ def read_line(path: Path, name: str | None = None) -> LandscapeLine:
     Raises
     ------
     ArtifactError
-        When the file holds no line or not the one named.
+        When the file contains no line or not the one named.
     """
     with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND) as f:
         g = _named_group(f, "lines", name, path=path, rerun=f"{COMMAND} --line A:B")

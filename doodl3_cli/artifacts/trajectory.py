@@ -610,7 +610,7 @@ def _fit_text(dataset: h5py.Dataset, text: str, what: str) -> str | bytes:
     data = text.encode(info.encoding)
     if len(data) > info.length:
         raise CheckpointError(
-            f"{text[:80]}...: {what} is {len(data)} bytes, more than the {info.length} that {dataset.name} holds; "
+            f"{text[:80]}...: {what} is {len(data)} bytes, more than the {info.length} that {dataset.name} can store; "
             "move the checkpoints to a shorter path"
         )
     return data
