@@ -105,7 +105,7 @@ def doodl3_engine(model, layout, buffer_layout, buffers, center, directions, coe
 
 
 def naive_engine(model, center, directions, coefficients, x, y):
-    """One point at a time: write the parameters into the model, one forward pass, one loss."""
+    """Evaluate one point at a time: write the parameters into the model, run one forward pass and one loss."""
     work = copy.deepcopy(model)
     parameters = list(work.parameters())
 

@@ -383,7 +383,7 @@ def dynamics(
 
 
 class PlotlyJs(str, Enum):
-    """Where `doodl3 report` puts plotly.js."""
+    """Placement of plotly.js for `doodl3 report`: inside the page or in a file beside it."""
 
     inline = "inline"
     beside = "beside"

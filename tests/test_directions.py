@@ -246,7 +246,8 @@ def test_axis_directions_pick_largest_spread():
     directions, indices = axis_directions(layout, finals=finals)
 
     assert indices == [1, 3]
-    assert directions[0, 1] == 1.0 and directions[1, 3] == 1.0
+    assert directions[0, 1] == 1.0
+    assert directions[1, 3] == 1.0
     assert directions.sum() == 2.0
 
 

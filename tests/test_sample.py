@@ -48,8 +48,10 @@ def test_sample_grid_covers_every_checkpoint(recorded, tmp_path):
 
     landscape = read_slice(run.landscape)
     coords = np.concatenate([p.coords for p in landscape.projections.values()])
-    assert landscape.alpha[0] < coords[:, 0].min() and coords[:, 0].max() < landscape.alpha[-1]
-    assert landscape.beta[0] < coords[:, 1].min() and coords[:, 1].max() < landscape.beta[-1]
+    assert landscape.alpha[0] < coords[:, 0].min()
+    assert coords[:, 0].max() < landscape.alpha[-1]
+    assert landscape.beta[0] < coords[:, 1].min()
+    assert coords[:, 1].max() < landscape.beta[-1]
     assert landscape.evaluated.all()
     assert np.isfinite(landscape.loss).all()
     assert ((landscape.metrics["accuracy"] >= 0) & (landscape.metrics["accuracy"] <= 1)).all()

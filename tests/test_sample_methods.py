@@ -170,8 +170,10 @@ def test_line_loss_barrier(run):
 def test_line_positions_include_both_runs():
     t = line_positions(5, 0.3)
 
-    assert t[0] == -0.5 and t[-1] == 1.5
-    assert 0.0 in t and 1.0 in t
+    assert t[0] == -0.5
+    assert t[-1] == 1.5
+    assert 0.0 in t
+    assert 1.0 in t
 
 
 def test_loss_barrier_of_a_bump():

@@ -215,6 +215,29 @@ def atomic_h5(path: Path) -> Iterator[h5py.File]:
             tmp.unlink()
 
 
+def named_group(f: h5py.File, kind: str, name: str | None, *, path: Path, rerun: str) -> h5py.Group:
+    """Return the group `name` under ``/slices`` or ``/lines``; the first one when `name` is None.
+
+    Raises
+    ------
+    ArtifactError
+        When the file contains no such group, or none of that name. The message
+        names the file, the groups present and the command `rerun` to write them.
+    """
+    singular = kind[:-1]
+    groups = f.get(kind)
+    if groups is None or len(groups) == 0:
+        raise ArtifactError(f"{path}: contains no {singular}; rerun `{rerun}`")
+    if name is None:
+        name = next(iter(groups.keys()))
+    if name not in groups:
+        raise ArtifactError(
+            f"{path}: {singular} '{name}' not found ({kind}: {', '.join(groups.keys())}); "
+            f"name one of these, or rerun `{rerun}`"
+        )
+    return groups[name]
+
+
 def write_str_dataset(group: h5py.Group, name: str, values: list[str]) -> h5py.Dataset:
     """Write a one-dimensional UTF-8 variable-length string dataset."""
     return group.create_dataset(name, data=np.array(values, dtype=object), dtype=STR_DTYPE)

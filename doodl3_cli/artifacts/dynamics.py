@@ -69,7 +69,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from doodl3_cli.artifacts._common import attr_str, open_artifact, read_str_dataset, write_str_dataset
+from doodl3_cli.artifacts._common import attr_str, named_group, open_artifact, read_str_dataset, write_str_dataset
 from doodl3_cli.dynamics.diagnostics import Finding
 from doodl3_cli.dynamics.ensemble import EARLY_FRACTION, EnsembleDiagnostics, SliceEnsemble
 from doodl3_cli.dynamics.morse import MorseGraph
@@ -317,14 +317,8 @@ def read_slice(path: Path, name: str | None = None) -> SliceDynamics:
         slice named, or lacks one of its datasets.
     """
     with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND) as f:
-        slices = f.get("slices")
-        if slices is None or len(slices) == 0:
-            raise ArtifactError(f"{path}: contains no slice; rerun `{COMMAND}`")
-        if name is None:
-            name = next(iter(slices.keys()))
-        if name not in slices:
-            raise ArtifactError(f"{path}: slice '{name}' not found (slices: {', '.join(slices.keys())})")
-        group = slices[name]
+        group = named_group(f, "slices", name, path=path, rerun=COMMAND)
+        name = group.name.rpartition("/")[2]
         _require(group, ("alpha", "beta", "flow", "morse", "regions", "placements"), path)
         _require(group["flow"], ("grad_alpha", "grad_beta", "error"), path)
         attrs = {key: _attr_value(group, key) for key in group.attrs.keys()}

@@ -35,7 +35,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from doodl3_cli.artifacts._common import attr_json, attr_str, open_artifact
+from doodl3_cli.artifacts._common import attr_json, attr_str, named_group, open_artifact
 
 SCHEMA = "doodl3/landscape"
 SCHEMA_VERSION = 2
@@ -126,7 +126,7 @@ def read_slice(path: Path, name: str | None = None, *, with_vectors: bool = True
         When the file contains no slice or not the one named.
     """
     with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND) as f:
-        g = _named_group(f, "slices", name, path=path, rerun=COMMAND)
+        g = named_group(f, "slices", name, path=path, rerun=COMMAND)
         name = g.name.rpartition("/")[2]
 
         metrics = {k: g[k][()].astype(np.float64) for k in g.keys() if k not in METRIC_SKIP}
@@ -239,21 +239,6 @@ def list_lines(path: Path) -> list[str]:
         return list(f["lines"].keys()) if "lines" in f else []
 
 
-def _named_group(f: h5py.File, kind: str, name: str | None, *, path: Path, rerun: str) -> h5py.Group:
-    """Return the group `name` under /slices or /lines, the first one when `name` is None."""
-    from doodl3_cli.errors import ArtifactError
-
-    singular = kind[:-1]
-    groups = f.get(kind)
-    if groups is None or len(groups) == 0:
-        raise ArtifactError(f"{path}: contains no {singular}; rerun `{rerun}`")
-    if name is None:
-        name = next(iter(groups.keys()))
-    if name not in groups:
-        raise ArtifactError(f"{path}: {singular} '{name}' not found ({kind}: {', '.join(groups.keys())})")
-    return groups[name]
-
-
 def read_line(path: Path, name: str | None = None) -> LandscapeLine:
     """Read one line; the first one when `name` is None.
 
@@ -263,7 +248,7 @@ def read_line(path: Path, name: str | None = None) -> LandscapeLine:
         When the file contains no line or not the one named.
     """
     with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND) as f:
-        g = _named_group(f, "lines", name, path=path, rerun=f"{COMMAND} --line A:B")
+        g = named_group(f, "lines", name, path=path, rerun=f"{COMMAND} --line A:B")
         name = g.name.rpartition("/")[2]
         metrics = {k: g[k][()].astype(np.float64) for k in g.keys() if k not in ("t", "evaluated")}
         attrs = {}

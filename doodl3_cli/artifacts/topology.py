@@ -70,8 +70,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from doodl3_cli.artifacts._common import attr_json, attr_str, open_artifact
-from doodl3_cli.errors import ArtifactError
+from doodl3_cli.artifacts._common import attr_json, attr_str, named_group, open_artifact
 
 SCHEMA = "doodl3/topology"
 SCHEMA_VERSION = 2
@@ -462,17 +461,8 @@ def read_slice(path: Path, name: str | None = None) -> SliceTopology:
         slice, or does not contain the slice named.
     """
     with open_artifact(path, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND) as f:
-        slices = f.get("slices")
-        if slices is None or len(slices) == 0:
-            raise ArtifactError(f"{path}: contains no slice; rerun `{COMMAND}`")
-        if name is None:
-            name = next(iter(slices.keys()))
-        if name not in slices:
-            raise ArtifactError(
-                f"{path}: slice '{name}' not found (slices: {', '.join(slices.keys())}); "
-                f"rerun `{COMMAND}` if landscape.h5 gained slices"
-            )
-        group = slices[name]
+        group = named_group(f, "slices", name, path=path, rerun=COMMAND)
+        name = group.name.rpartition("/")[2]
 
         pairs = PersistencePairs(**{key: group["pairs"][key][()] for key in PAIR_FIELDS})
         minima = Minima(**{key: group["minima"][key][()] for key in MINIMA_FIELDS})

@@ -40,7 +40,6 @@ import h5py
 import numpy as np
 
 from doodl3_cli.artifacts._common import (
-    attr_json,
     attr_str,
     check_schema,
     open_artifact,
@@ -352,7 +351,7 @@ class TrajectoryWriter:
         of a new file.
     metric_keys : sequence of str
         Metrics to store per row. HDF5 forbids new datasets once SWMR mode is on, so
-        they are created here; metrics with other keys passed to `append` are logged
+        they are created here. Metrics with other keys passed to `append` are logged
         once and dropped.
 
     Raises

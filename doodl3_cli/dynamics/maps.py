@@ -17,7 +17,7 @@ trajectory
     total kernel weight is below `MIN_WEIGHT` (no checkpoint within about 2.5
     cells) have no image. The map carries no error radius.
 
-NOTE: the confidence of the ensemble map holds per evaluation point (the corners and
+NOTE: the confidence of the ensemble map applies per evaluation point (the corners and
 centre of a box), not jointly over all boxes, so the probability that the whole
 Morse graph holds under the model is not bounded by mu.
 """

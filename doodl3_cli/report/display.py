@@ -1,4 +1,4 @@
-"""How a loss grid is shown: the colour scale (linear or logarithmic) and thinning of large grids.
+"""Display rules for loss grids: the colour scale (linear or logarithmic) and thinning of large grids.
 
 A loss landscape often spans several decades: a steep corner of the slice reaches
 tens while the basin the runs end in sits near 0.05. On a linear colour scale the

@@ -64,7 +64,6 @@ def test_periodic_orbit_has_circle_index():
 
 
 def test_conley_indices_one_row_per_set():
-    ny = 5
     morse_set = np.full((5, 5), -1, dtype=np.int32)
     morse_set[0, 0] = 0
     morse_set[2, 2] = 1
