@@ -12,8 +12,10 @@ Usage::
     python benchmarks/bench_sample.py --threads 2 --repeat 3
 
 `loss-landscapes` (PyPI, 3.0.6) is needed only here: ``pip install loss-landscapes==3.0.6``.
-It chooses its own random directions, so its time is comparable (same model, data
-and number of points) but its grid is not compared value by value.
+It chooses its own random directions; the benchmark seeds torch before each call,
+rebuilds those directions with the library's helpers and compares its grid with
+float64 losses both at the grid points its documentation describes and at the
+points its loop actually reaches.
 """
 
 from __future__ import annotations
@@ -121,17 +123,83 @@ def naive_engine(model, center, directions, coefficients, x, y):
     return run
 
 
-def loss_landscapes_engine(model, resolution, x, y):
+def loss_landscapes_engine(model, resolution, x, y, seed: int = 0):
     import loss_landscapes
     import loss_landscapes.metrics
 
     metric = loss_landscapes.metrics.Loss(F.cross_entropy, x, y)
 
     def run():
+        torch.manual_seed(seed)
         with torch.no_grad():
             return loss_landscapes.random_plane(model, metric, distance=1, steps=resolution, normalization="filter", deepcopy_model=True)
 
     return run
+
+
+def loss_landscapes_directions(model, resolution, seed: int = 0) -> np.ndarray:
+    """The two step vectors that `random_plane` draws under `torch.manual_seed(seed)`, as (2, P) float64.
+
+    Rebuilt with the library's own helpers in the order `random_plane` calls
+    them (uniform draw, near-orthogonal draw, filter normalisation), then scaled
+    so that one step is |center| / resolution along each direction, as it scales them.
+    """
+    from loss_landscapes.model_interface.model_parameters import orthogonal_to, rand_u_like
+    from loss_landscapes.model_interface.model_wrapper import wrap_model
+
+    torch.manual_seed(seed)
+    start = wrap_model(copy.deepcopy(model)).get_module_parameters()
+    steps = []
+    first = rand_u_like(start)
+    second = orthogonal_to(first)
+    for direction in (first, second):
+        direction.filter_normalize_(start)
+        vector = np.concatenate([p.detach().numpy().reshape(-1) for p in direction]).astype(np.float64)
+        steps.append(vector * (start.model_norm() / resolution) / np.linalg.norm(vector))
+    return np.stack(steps)
+
+
+def loss_landscapes_offsets(resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """Step offsets (along direction one, along direction two) of `random_plane`'s grid entries.
+
+    Returns the offsets that the library's docstring describes, (i - G/2, j - G/2),
+    and those its loop reaches: even columns are one step further along direction two.
+    """
+    i, j = np.meshgrid(np.arange(resolution), np.arange(resolution), indexing="ij")
+    intended = np.stack([i - resolution / 2, j - resolution / 2], axis=-1).astype(np.float64)
+    reached = intended.copy()
+    reached[0::2, :, 1] += 1
+    return intended, reached
+
+
+def loss_landscapes_check(model, resolution, x, y, grid, seed: int = 0, count: int = 25) -> dict:
+    """Compare `random_plane`'s grid with float64 losses at the grid points it describes and at those it reaches."""
+    center = np.concatenate([p.detach().numpy().reshape(-1) for p in model.parameters()]).astype(np.float64)
+    steps = loss_landscapes_directions(model, resolution, seed)
+    intended, reached = loss_landscapes_offsets(resolution)
+    reference = copy.deepcopy(model).double()
+    parameters = list(reference.parameters())
+    picks = np.random.default_rng(1).choice(resolution * resolution, size=min(count, resolution * resolution), replace=False)
+    errors = {"described grid": 0.0, "reached grid": 0.0}
+    with torch.no_grad():
+        for name, offsets in (("described grid", intended), ("reached grid", reached)):
+            for k in picks:
+                i, j = divmod(int(k), resolution)
+                torch.nn.utils.vector_to_parameters(torch.as_tensor(center + offsets[i, j] @ steps), parameters)
+                exact = F.cross_entropy(reference(x.double()), y).item()
+                errors[name] = max(errors[name], abs(grid[i, j] - exact) / abs(exact))
+
+    displaced = copy.deepcopy(model)
+    import loss_landscapes
+    import loss_landscapes.metrics
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        loss_landscapes.random_plane(displaced, loss_landscapes.metrics.Loss(F.cross_entropy, x, y), distance=1,
+                                     steps=resolution, normalization="filter", deepcopy_model=False)
+    after = np.concatenate([p.detach().numpy().reshape(-1) for p in displaced.parameters()]).astype(np.float64)
+    errors["model displacement after the call"] = float(np.linalg.norm(after - center) / np.linalg.norm(center))
+    errors["center on grid"] = bool(np.any(np.all(intended == 0, axis=-1)))
+    return errors
 
 
 def float64_check(model, center, directions, coefficients, x, y, losses, count: int = 25) -> float:
@@ -165,16 +233,23 @@ def bench_case(name, model, resolution, x, y, repeat, points_per_pass, with_peer
     rows["naive loop"], naive_losses = best_time(naive, repeat, f"{name} naive loop")
     naive_error = float64_check(model, center.astype(np.float64), directions, coefficients, x, y, naive_losses)
     if with_peer:
-        rows["loss-landscapes 3.0.6"], _ = best_time(loss_landscapes_engine(model, resolution, x, y), repeat, f"{name} loss-landscapes")
+        rows["loss-landscapes 3.0.6"], peer_grid = best_time(
+            loss_landscapes_engine(model, resolution, x, y), repeat, f"{name} loss-landscapes"
+        )
+        peer = loss_landscapes_check(model, resolution, x, y, peer_grid)
+    else:
+        peer = None
     return {"case": name, "points": int(coefficients.shape[0]), "flops": flops, "seconds": rows,
-            "float64_error": {"doodl3": doodl3_error, "naive loop": naive_error}}
+            "float64_error": {"doodl3": doodl3_error, "naive loop": naive_error,
+                              "loss-landscapes 3.0.6": None if peer is None else peer["described grid"]},
+            "loss_landscapes_check": peer}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions per engine; the best is kept")
-    parser.add_argument("--points-per-pass", type=int, default=64)
+    parser.add_argument("--points-per-pass", type=int, default=16)
     parser.add_argument("--no-peer", action="store_true", help="skip loss-landscapes")
     parser.add_argument("--cases", default="mlp41,mlp81,cnn41", help="comma-separated cases: mlp41, mlp81, cnn41")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -208,6 +283,13 @@ def main() -> None:
                 f"| {result['case']} | {engine} | {seconds:.3f} | {seconds / base:.2f}x | "
                 f"{result['flops'] / seconds / rate:.0%} | {'n/a' if error is None else f'{error:.1e}'} |"
             )
+    for result in results:
+        if result["loss_landscapes_check"] is not None:
+            check = result["loss_landscapes_check"]
+            print(f"\n{result['case']}, loss-landscapes against float64: max rel. error {check['described grid']:.1e} at the "
+                  f"grid points it describes, {check['reached grid']:.1e} at the points its loop reaches; center on the grid: "
+                  f"{check['center on grid']}; model moved by {check['model displacement after the call']:.1e} "
+                  "of its norm after a call without deepcopy")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"matmul_flops_per_s": rate, "threads": args.threads, "results": results}, f, indent=2)

@@ -296,7 +296,7 @@ MarginOption = typer.Option(0.25, "--margin", min=0.0, help="Extent beyond the t
 CenterOption = typer.Option(None, "--center", help="Slice center TRAJECTORY or TRAJECTORY:INDEX (default: final state of the lowest-loss run).")
 ExtentOption = typer.Option(None, "--extent", help="Grid extent ALPHA_MIN,ALPHA_MAX,BETA_MIN,BETA_MAX in slice coordinates.")
 DeviceOption = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: [evaluation].device of doodl3.toml).")
-PointsOption = typer.Option(64, "--points-per-pass", min=1, help="Grid points evaluated in one vectorised forward pass.")
+PointsOption = typer.Option(16, "--points-per-pass", min=1, help="Grid points evaluated in one vectorised forward pass.")
 MinPersistenceOption = typer.Option(None, "--min-persistence", min=0.0, help="Persistence, in loss units, above which a feature is significant (default: 5 x sqrt(2) x the median loss standard error when landscape.h5 stores a loss_stderr grid, else 5% of the median depth, median minus minimum, of the finite losses).")
 SuperlevelOption = typer.Option(False, "--superlevel", help="Also compute superlevel-set persistence (maxima and ridges), reported in loss units.")
 TauOption = typer.Option(None, "--tau", callback=_positive_or_none, help="Time of the gradient-flow map, in slice units squared per loss unit (default: chosen from the curvature at the minima).")

@@ -104,7 +104,7 @@ class SampleOptions:
     center: str | None = None
     extent: tuple[float, float, float, float] | None = None
     device: str | None = None
-    points_per_pass: int = 64
+    points_per_pass: int = 16
     directions: str = "pca"
     seed: int = 0
     bias: str = "zero"

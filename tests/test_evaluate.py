@@ -1,4 +1,5 @@
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -9,7 +10,10 @@ from torch import nn
 from doodl3_cli import zoo
 from doodl3_cli.checkpoints import flatten_model, model_layouts
 from doodl3_cli.errors import ConfigError
-from doodl3_cli.evaluate import MIN_GROUPS, EvaluationSetup, Evaluator, batch_stderr, materialise_data, resolve_device
+from doodl3_cli.evaluate import (
+    MIN_GROUPS, EvaluationSetup, Evaluator, batch_stderr, materialise_data, plain_cross_entropy, resolve_device,
+    sample_cross_entropy,
+)
 
 
 def _setup(model: nn.Module, batch_size: int = 500) -> EvaluationSetup:
@@ -282,3 +286,65 @@ def test_convolutional_model_matches_plain_forward():
         loss, accuracy = _reference(reference_model, points[k], layout, setup.inputs, setup.targets)
         assert result["loss"][k] == pytest.approx(loss, rel=1e-5)
         assert result["accuracy"][k] == pytest.approx(accuracy, abs=1e-12)
+
+
+def test_sample_cross_entropy_matches_torch_in_both_layouts():
+    torch.manual_seed(3)
+    logits = 4 * torch.randn(5, 10, 300)
+    targets = torch.randint(0, 10, (300,))
+    expected = F.cross_entropy(logits.transpose(1, 2).reshape(-1, 10), targets.repeat(5), reduction="none").reshape(5, 300)
+
+    torch.testing.assert_close(sample_cross_entropy(logits.transpose(1, 2), targets), expected)
+    torch.testing.assert_close(sample_cross_entropy(logits.transpose(1, 2).contiguous(), targets), expected)
+
+
+@pytest.mark.parametrize(("loss_fn", "plain"), [
+    (F.cross_entropy, True),
+    (functools.partial(F.cross_entropy), True),
+    (nn.CrossEntropyLoss(), True),
+    (functools.partial(F.cross_entropy, label_smoothing=0.1), False),
+    (nn.CrossEntropyLoss(weight=torch.ones(10)), False),
+    (nn.CrossEntropyLoss(reduction="sum"), False),
+    (F.nll_loss, False),
+])
+def test_plain_cross_entropy_recognises_only_default_options(loss_fn, plain):
+    assert plain_cross_entropy(loss_fn) is plain
+
+
+@pytest.mark.parametrize("loss_fn", [F.cross_entropy, functools.partial(F.cross_entropy, label_smoothing=0.2)])
+def test_plane_tanh_stack_any_loss(loss_fn):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(64, 24), nn.Tanh(), nn.Dropout(0.5), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    layout, buffer_layout = model_layouts(model)
+    center, buffers = flatten_model(model, layout, buffer_layout)
+    rng = np.random.default_rng(4)
+    directions = 0.1 * rng.standard_normal((2, layout.size))
+    coefficients = rng.uniform(-1, 1, size=(7, 2))
+    inputs, targets = zoo.digits("all")
+    setup = EvaluationSetup(model, inputs, targets, loss_fn, 700, torch.device("cpu"))
+
+    plane = Evaluator(setup, layout, buffer_layout, buffers, points_per_pass=3).evaluate_plane(center, directions, coefficients)
+
+    reference = copy.deepcopy(model).double()
+    for k in range(coefficients.shape[0]):
+        point = torch.as_tensor((center + coefficients[k] @ directions).astype(np.float32), dtype=torch.float64)
+        torch.nn.utils.vector_to_parameters(point, reference.parameters())
+        with torch.no_grad():
+            out = reference(inputs.double())
+        assert plane["loss"][k] == pytest.approx(loss_fn(out, targets).item(), rel=2e-6)
+        assert plane["accuracy"][k] == (out.argmax(1) == targets).double().mean().item()
+
+
+def test_accuracy_counts_the_first_of_tied_maxima():
+    model = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    layout, buffer_layout = model_layouts(model)
+    center, buffers = flatten_model(model, layout, buffer_layout)
+    setup = _setup(model)
+
+    plane = Evaluator(setup, layout, buffer_layout, buffers).evaluate_plane(center, np.zeros((2, layout.size)), np.zeros((1, 2)))
+
+    assert plane["accuracy"][0] == pytest.approx((setup.targets == 0).double().mean().item())
+    assert plane["loss"][0] == pytest.approx(np.log(10), rel=1e-6)
