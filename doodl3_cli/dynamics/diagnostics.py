@@ -10,6 +10,15 @@ Oscillation
     cosine is below `OSCILLATION_COSINE`: the updates into and out of each
     checkpoint point in nearly opposite directions, so the run bounces across a
     valley.
+Loss instability
+    A window of `INSTABILITY_WINDOW` successive recorded intervals (the whole run
+    when it is shorter, but at least `INSTABILITY_MIN_INTERVALS`) in which at least
+    `INSTABILITY_FRACTION` of the intervals raise the loss by more than
+    `INSTABILITY_RISE` of its value. Gradient descent above the stability limit
+    ``2 / learning rate`` bounces with a period of a few steps. With checkpoints
+    several steps apart that bounce rarely shows as opposite successive updates,
+    but it shows as a loss that keeps going up between checkpoints. Descending
+    runs rise only at isolated spikes.
 Plateau
     At least `PLATEAU_MIN_UPDATES` successive updates whose loss decrease per unit
     of path, ``(loss[t-1] - loss[t]) / step_length[t]``, is below
@@ -42,6 +51,10 @@ PLATEAU_GAP = 0.25
 PLATEAU_MIN_UPDATES = 4
 DIVERGENCE_RISE = 0.1
 DIVERGENCE_MIN_UPDATES = 3
+INSTABILITY_RISE = 0.05
+INSTABILITY_WINDOW = 20
+INSTABILITY_MIN_INTERVALS = 8
+INSTABILITY_FRACTION = 0.3
 
 SEVERITIES = ("info", "warning", "error")
 
@@ -53,8 +66,8 @@ class Finding:
     Attributes
     ----------
     kind : str
-        ``"oscillation"``, ``"plateau"``, ``"divergence"``, ``"sharpness"`` or
-        ``"ensemble_split"``.
+        ``"oscillation"``, ``"loss_instability"``, ``"plateau"``, ``"divergence"``,
+        ``"sharpness"`` or ``"ensemble_split"``.
     severity : str
         ``"info"``, ``"warning"`` or ``"error"``.
     runs : list of str
@@ -105,6 +118,61 @@ def find_oscillation(diagnostics: TrajectoryDiagnostics, *, learning_rate: float
                 "mean_cosine": float(np.mean(cosine[first:last + 1])),
                 "checkpoints": last - first + 1,
                 "cosine_threshold": OSCILLATION_COSINE,
+            },
+            suggestion=suggestion,
+        ))
+    return findings
+
+
+def find_loss_instability(diagnostics: TrajectoryDiagnostics, *, learning_rate: float | None = None) -> list[Finding]:
+    """Flag stretches of training in which the loss rises between many successive checkpoints.
+
+    Parameters
+    ----------
+    diagnostics : TrajectoryDiagnostics
+    learning_rate : float or None
+        Recorded learning rate of the run, for the suggestion.
+
+    Returns
+    -------
+    list of Finding
+        One ``loss_instability`` warning per maximal stretch covered by flagged
+        windows. Its steps run from the checkpoint before the first rise in the
+        stretch to the checkpoint after the last.
+    """
+    loss = np.asarray(diagnostics.loss, dtype=np.float64)
+    change = np.diff(loss)
+    rises = (change > INSTABILITY_RISE * np.abs(loss[:-1])).astype(np.int64)
+    window = min(INSTABILITY_WINDOW, rises.size)
+    if window < INSTABILITY_MIN_INTERVALS:
+        return []
+    needed = math.ceil(INSTABILITY_FRACTION * window)
+
+    counts = np.convolve(rises, np.ones(window, dtype=np.int64), mode="valid")
+    flagged = (counts >= needed).astype(np.int64)
+    # Interval j lies in the flagged windows that start at j - window + 1 ... j.
+    covered = np.convolve(flagged, np.ones(window, dtype=np.int64), mode="full")[: rises.size] > 0
+
+    suggestion = "lower the learning rate, or warm it up, until the loss decreases between most checkpoints"
+    if learning_rate is not None:
+        suggestion = (f"lower the learning rate below {learning_rate:g} (for example to {learning_rate / 2:g}) "
+                      "or warm it up")
+    findings = []
+    for start, stop in segments(covered, 1):
+        rising = start + np.flatnonzero(rises[start:stop + 1])
+        first, last = int(rising[0]), int(rising[-1])
+        findings.append(Finding(
+            kind="loss_instability",
+            severity="warning",
+            runs=[diagnostics.name],
+            steps=[int(diagnostics.step[first]), int(diagnostics.step[last + 1])],
+            evidence={
+                "rising_intervals": int(rises[first:last + 1].sum()),
+                "intervals": last - first + 1,
+                "most_rises_in_window": int(counts.max()),
+                "window": window,
+                "rise_threshold": INSTABILITY_RISE,
+                "fraction_threshold": INSTABILITY_FRACTION,
             },
             suggestion=suggestion,
         ))

@@ -21,6 +21,7 @@ from doodl3_cli.artifacts.trajectory import Layout, Trajectory
 from doodl3_cli.dynamics.diagnostics import (
     Finding,
     find_divergence,
+    find_loss_instability,
     find_oscillation,
     find_plateaus,
     find_sharpness,
@@ -155,6 +156,7 @@ def _run_findings(trajectories: list[Trajectory], diagnostics: list[TrajectoryDi
     for trajectory, d in zip(trajectories, diagnostics):
         rate = learning_rate(trajectory)
         findings += find_oscillation(d, learning_rate=rate)
+        findings += find_loss_instability(d, learning_rate=rate)
         findings += find_plateaus(d, best_loss, reference_rate)
         findings += find_divergence(d)
         if d.sharpness is not None:

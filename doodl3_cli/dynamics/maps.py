@@ -8,18 +8,18 @@ ensemble
     likelihood). The GP models the displacement, so far from the data the map tends
     to the mean displacement instead of to a fixed point. Each image is widened by
     ``z * max(sigma_alpha, sigma_beta)``, where sigma is the predictive standard
-    deviation and ``z = Phi^-1((1 + sqrt(mu)) / 2)``. For one evaluation point the
-    rectangle then contains the model's image with probability at least mu, because
-    the two coordinates are independent Gaussians under the model.
+    deviation. The map is evaluated at K points in one call (the corners and
+    centres of every box), and ``z = Phi^-1(1 - (1 - mu) / (4 K))``, so each of
+    the 2K image coordinates leaves its interval with probability (1 - mu) / (2 K)
+    under the model. By the union bound, which needs no independence, every
+    rectangle then contains its image at once with probability at least mu, and so
+    does the outer approximation built from them.
 trajectory
     The displacement over one recorded interval, regressed onto the grid by
     Nadaraya-Watson smoothing with a Gaussian kernel one grid cell wide. Boxes whose
     total kernel weight is below `MIN_WEIGHT` (no checkpoint within about 2.5
     cells) have no image. The map carries no error radius.
 
-NOTE: the confidence of the ensemble map applies per evaluation point (the corners and
-centre of a box), not jointly over all boxes, so the probability that the whole
-Morse graph holds under the model is not bounded by mu.
 """
 
 from __future__ import annotations
@@ -110,16 +110,38 @@ def ensemble_map(projections: dict[str, np.ndarray], *, lag: int = 1, confidence
     kernel = ConstantKernel(1.0) * RBF(length_scale=scale) + WhiteKernel(noise_level=1e-2)
     model = GaussianProcessRegressor(kernel=kernel, normalize_y=True, n_restarts_optimizer=2, random_state=seed)
     model.fit(starts, ends - starts)
-    z = float(norm.ppf(0.5 * (1.0 + np.sqrt(confidence))))
-    log.info("ensemble map: %d pairs, kernel %s, z %.3f", len(starts), model.kernel_, z)
+    log.info("ensemble map: %d pairs, kernel %s", len(starts), model.kernel_)
 
     def point_map(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         mean, std = model.predict(points, return_std=True)
         std = np.asarray(std).reshape(len(points), -1)
+        z = joint_quantile(confidence, len(points))
+        log.info("ensemble map: %d points at joint confidence %g, z %.3f", len(points), confidence, z)
         return points + mean, z * std.max(axis=1)
 
     return point_map
+
+
+def joint_quantile(confidence: float, points: int) -> float:
+    """Return z such that 2 * points Gaussian coordinates all lie within z sigma with probability >= confidence.
+
+    Bonferroni (union) bound: each coordinate gets the two-sided level
+    ``1 - (1 - confidence) / (2 * points)``.
+
+    Parameters
+    ----------
+    confidence : float
+        Joint level mu in (0, 1).
+    points : int
+        Number of two-dimensional images, >= 1.
+
+    Returns
+    -------
+    float
+        ``Phi^-1(1 - (1 - mu) / (4 * points))``.
+    """
+    return float(norm.isf((1.0 - confidence) / (4.0 * max(int(points), 1))))
 
 
 def trajectory_map(projections: dict[str, np.ndarray], spacing: tuple[float, float]) -> PointMap:

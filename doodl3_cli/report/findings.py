@@ -16,7 +16,7 @@ from doodl3_cli.report.figures import format_number
 
 MAX_FINDINGS = 40
 # Kinds whose `steps` are the first and last step of a segment; the others list checkpoint steps.
-SEGMENT_KINDS = ("oscillation", "plateau", "divergence")
+SEGMENT_KINDS = ("oscillation", "loss_instability", "plateau", "divergence")
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 

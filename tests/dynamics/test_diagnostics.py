@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from doodl3_cli import zoo
 from doodl3_cli.artifacts.trajectory import Layout, read_all_trajectories, read_layouts
-from doodl3_cli.dynamics.diagnostics import find_divergence, find_oscillation, segments
+from doodl3_cli.demo import DemoOptions, train_ensemble
+from doodl3_cli.dynamics.diagnostics import find_divergence, find_loss_instability, find_oscillation, segments
 from doodl3_cli.dynamics.ensemble import diagnose_ensemble, learning_rate
 from doodl3_cli.dynamics.hessian import predicted_probabilities, top_hessian_eigenvalue
 from doodl3_cli.dynamics.trajectories import update_diagnostics
@@ -185,3 +186,52 @@ def test_non_classifier_skips_predictions(tmp_path):
     layout = Layout.from_tensors({name: p.detach().numpy() for name, p in setup.model.named_parameters()})
 
     assert predicted_probabilities(setup, layout, np.array([3.0, 2.0])) is None
+
+
+def test_loss_instability_window_and_steps():
+    # 30 intervals: steady descent, then 10 intervals of which 6 rise by 20 %, then descent again.
+    loss = [2.0 * 0.97**t for t in range(11)]
+    for t in range(10):
+        loss.append(loss[-1] * (1.2 if t % 5 in (0, 2, 4) else 0.7))
+    while len(loss) < 31:
+        loss.append(loss[-1] * 0.97)
+    steps = 5 * np.arange(31)
+    diagnostics = update_diagnostics("bouncing", np.zeros((31, 2)), steps, np.array(loss))
+
+    findings = find_loss_instability(diagnostics, learning_rate=1.2)
+
+    assert len(findings) == 1
+    assert findings[0].evidence["rising_intervals"] == 6
+    assert findings[0].evidence["window"] == 20
+    assert findings[0].evidence["intervals"] == 10
+    # The rises are the intervals 10 to 19, between the checkpoints at steps 50 and 100.
+    assert findings[0].steps == [50, 100]
+    assert "0.6" in findings[0].suggestion
+
+
+def test_loss_instability_ignores_short_runs_and_descent():
+    descending = update_diagnostics("smooth", np.zeros((12, 2)), np.arange(12), 2.0 * 0.9 ** np.arange(12))
+    short = update_diagnostics("short", np.zeros((6, 2)), np.arange(6), np.array([1.0, 2.0, 1.0, 2.0, 1.0, 2.0]))
+
+    assert find_loss_instability(descending) == []
+    assert find_loss_instability(short) == []
+
+
+def test_demo_high_lr_flagged_unstable(tmp_path):
+    """The demo's training, two seeds per learning rate: lr 1.2 bounces between checkpoints 5 steps apart, lr 0.3 does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = RunFolder(tmp_path)
+        names = train_ensemble(run, DemoOptions(seeds=[0, 1], learning_rates=[0.3, 1.2]))
+    finally:
+        torch.set_num_threads(threads)
+
+    flagged = set()
+    for trajectory in read_all_trajectories(run.trajectory):
+        diagnostics = update_diagnostics(trajectory.name, trajectory.params, trajectory.step, trajectory.metrics["loss"])
+        if find_loss_instability(diagnostics, learning_rate=trajectory.attrs["learning_rate"]):
+            flagged.add(trajectory.name)
+
+    assert names == ["lr0.3-seed0", "lr0.3-seed1", "lr1.2-seed0", "lr1.2-seed1"]
+    assert flagged == {"lr1.2-seed0", "lr1.2-seed1"}

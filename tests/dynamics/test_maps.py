@@ -5,7 +5,7 @@ import pytest
 from scipy.stats import norm
 
 from doodl3_cli.artifacts import dynamics as dynamics_artifact
-from doodl3_cli.dynamics.maps import checkpoint_pairs, ensemble_map, trajectory_map
+from doodl3_cli.dynamics.maps import checkpoint_pairs, ensemble_map, joint_quantile, trajectory_map
 from doodl3_cli.dynamics.morse import box_index
 from doodl3_cli.dynamics.stage import run_dynamics
 from doodl3_cli.errors import AnalysisError
@@ -63,9 +63,23 @@ def test_ensemble_map_radius_scales_with_confidence():
     _, radius_low = ensemble_map(line_runs(), confidence=0.5)(points)
     _, radius_high = ensemble_map(line_runs(), confidence=0.99)(points)
 
-    ratio = norm.ppf(0.5 * (1 + np.sqrt(0.99))) / norm.ppf(0.5 * (1 + np.sqrt(0.5)))
+    # Three points: each of six coordinates may fail with probability (1 - mu) / 6, two-sided.
+    ratio = norm.ppf(1 - 0.01 / 12) / norm.ppf(1 - 0.5 / 12)
     np.testing.assert_allclose(radius_high / radius_low, ratio, rtol=1e-9)
     assert radius_low[2] > radius_low[0]
+
+
+def test_joint_quantile_covers_all_coordinates():
+    rng = np.random.default_rng(0)
+    points, confidence = 50, 0.8
+    z = joint_quantile(confidence, points)
+
+    draws = rng.standard_normal((20_000, points, 2))
+    covered = np.mean(np.all(np.abs(draws) <= z, axis=(1, 2)))
+
+    assert z == pytest.approx(norm.isf(0.2 / 200))
+    assert covered >= confidence
+    assert joint_quantile(confidence, 1) == pytest.approx(norm.isf(0.05))
 
 
 def test_ensemble_map_learns_constant_displacement():
