@@ -482,12 +482,15 @@ def match_layout(
     path: Path,
     what: str = "parameters",
     aliases: dict[str, list[str]] | None = None,
+    reference: str = "the model in doodl3.toml",
+    fix: str = "check that [model] builds the architecture that wrote this checkpoint",
 ) -> np.ndarray:
     """Flatten `state` into `layout`, raising CheckpointError on missing keys or shapes.
 
     Tensors of any floating-point dtype (float16, bfloat16, ...) are cast to float32.
     A layout name that is absent is looked up under its `aliases` (tied weights). The
-    error names the file and at most a few offending keys.
+    error names the file, at most a few offending keys, `reference` (where `layout`
+    came from) and `fix` (what to do).
 
     Returns
     -------
@@ -510,8 +513,7 @@ def match_layout(
             more = f" and {len(wrong) - MAX_KEYS_IN_MESSAGE} more" if len(wrong) > MAX_KEYS_IN_MESSAGE else ""
             parts.append(f"shape mismatch {wrong[:MAX_KEYS_IN_MESSAGE]}{more}")
         raise CheckpointError(
-            f"{path}: does not match the model in doodl3.toml ({'; '.join(parts)}); "
-            "check that [model] builds the architecture that wrote this checkpoint"
+            f"{path}: does not match {reference} ({'; '.join(parts)}); {fix}"
         )
     return flatten(state, layout)
 

@@ -1,7 +1,10 @@
 """The `doodl3` command line: parse and validate options, then call one library function.
 
-Errors from the library (`Doodl3Error`) become one line on stderr and exit code 1;
-`--debug` shows the traceback instead.
+Errors from the library (`Doodl3Error`) become one line on stderr and the exit code
+of their class: 1 for failures at run time, 2 for usage errors (`UsageError`), 130
+after Ctrl-C. `--debug` shows the traceback instead. When stderr is not a terminal
+(a batch job's log file), every line is plain text without escape codes or carriage
+returns.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import contextlib
 import logging
 import math
 import re
+import shlex
 import sys
 import time
 from enum import Enum
@@ -21,10 +25,11 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.exceptions import TyperException
 
 from doodl3_cli import __version__
 from doodl3_cli.errors import Doodl3Error
-from doodl3_cli.runfolder import RunFolder
+from doodl3_cli.runfolder import DEVICE_PATTERN, RunFolder
 
 app = typer.Typer(
     name="doodl3",
@@ -77,22 +82,51 @@ def _main(
     _configure_logging(verbose)
 
 
+def _print_error(message: str) -> None:
+    """Print `message` as one ``error:`` line on stderr, in bold red only on a terminal."""
+    line = " ".join(message.split())
+    if sys.stderr.isatty():
+        # Messages name TOML sections such as [model], which rich would take for markup tags.
+        _stderr().print(f"[bold red]error:[/] {escape(line)}", markup=True, soft_wrap=True)
+    else:
+        sys.stderr.write(f"error: {line}\n")
+        sys.stderr.flush()
+
+
+def _with_run_path(message: str, run: Optional[Path]) -> str:
+    """Replace the placeholder RUN in the commands that a message suggests with the run folder itself."""
+    if run is None:
+        return message
+    return re.sub(r"(`doodl3 [a-z]+ )RUN\b", lambda m: m.group(1) + shlex.quote(str(run)), message)
+
+
 @contextlib.contextmanager
-def _reported_errors() -> Iterator[None]:
-    """Turn a Doodl3Error into one line on stderr and exit code 1 (unless --debug)."""
+def _reported_errors(run: Optional[Path] = None) -> Iterator[None]:
+    """Turn an error into one line on stderr and its exit code, unless --debug re-raises it.
+
+    A `Doodl3Error` exits with its class's code (1, or 2 for a `UsageError`), Ctrl-C
+    with 130, and any other exception, which is a bug in doodl3, with 1. Typer's own
+    exits and usage errors pass through unchanged.
+    """
     try:
         yield
+    except (typer.Exit, typer.Abort, TyperException):
+        raise
     except KeyboardInterrupt:
-        _stderr().print(
-            "interrupted: what was written so far is kept; rerun the same command to resume or redo the stage",
-            markup=False, soft_wrap=True,
-        )
+        _print_error("interrupted: what was written so far is kept; rerun the same command to resume or redo the stage")
         raise typer.Exit(code=130) from None
     except Doodl3Error as exc:
         if _State.debug:
             raise
-        # Messages name TOML sections such as [model], which rich would take for markup tags.
-        _stderr().print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
+        _print_error(_with_run_path(str(exc), run))
+        raise typer.Exit(code=exc.exit_code) from None
+    except Exception as exc:  # a bug in doodl3 or in a library that it calls
+        if _State.debug:
+            raise
+        _print_error(
+            f"unexpected {type(exc).__name__}: {exc}; rerun with `doodl3 --debug ...` for the traceback "
+            "and report it with the command line"
+        )
         raise typer.Exit(code=1) from None
 
 
@@ -185,7 +219,7 @@ def record(
         return
     from doodl3_cli.record import record_directory, record_subfolders
 
-    with _reported_errors(), _progress() as progress:
+    with _reported_errors(run), _progress() as progress:
         if per_subfolder:
             results = record_subfolders(run, source, attrs=attrs, progress=progress("recording"), order=order, trust=trust_checkpoints)
         else:
@@ -203,7 +237,7 @@ def record(
 def _record_follow(run: Path, source: Path, trajectory: Optional[str], attrs: dict, trust: bool, poll_interval: float, until_idle: Optional[float]) -> None:
     from doodl3_cli.follow import record_follow
 
-    with _reported_errors():
+    with _reported_errors(run):
         result = record_follow(
             run, source, trajectory=trajectory, attrs=attrs, trust=trust, poll_interval=poll_interval,
             until_idle=until_idle, on_record=lambda item: typer.echo(f"recorded step {item.step} from {item.path}"),
@@ -213,7 +247,7 @@ def _record_follow(run: Path, source: Path, trajectory: Optional[str], attrs: di
         f"{result.total} in {RunFolder(run).trajectory}"
     )
     for path, reason in result.failed.items():
-        _stderr().print(f"[bold red]error:[/] {escape(path)}: not recorded ({escape(reason)})", markup=True, soft_wrap=True)
+        _print_error(f"{path}: not recorded ({reason})")
     if result.failed:
         raise typer.Exit(code=1)
 
@@ -285,6 +319,12 @@ def _direction_options(method: str, runs: Optional[str], axes: Optional[str], di
     return {"directions": method, "runs": run_names, "axes": axis_names, "directions_file": directions_file, "line": line}
 
 
+def _device_or_none(value: Optional[str]) -> Optional[str]:
+    if value is not None and not DEVICE_PATTERN.fullmatch(value):
+        raise typer.BadParameter(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
 def _positive_or_none(value: Optional[float]) -> Optional[float]:
     if value is not None and not value > 0:
         raise typer.BadParameter(f"must be a positive number, got {value!r}")
@@ -295,7 +335,7 @@ ResolutionOption = typer.Option(41, "--resolution", min=2, max=4001, help="Grid 
 MarginOption = typer.Option(0.25, "--margin", min=0.0, help="Extent beyond the trajectories, as a fraction of their span.")
 CenterOption = typer.Option(None, "--center", help="Slice center TRAJECTORY or TRAJECTORY:INDEX (default: final state of the lowest-loss run).")
 ExtentOption = typer.Option(None, "--extent", help="Grid extent ALPHA_MIN,ALPHA_MAX,BETA_MIN,BETA_MAX in slice coordinates.")
-DeviceOption = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: [evaluation].device of doodl3.toml).")
+DeviceOption = typer.Option(None, "--device", callback=_device_or_none, help="auto, cpu, cuda or cuda:N (default: [evaluation].device of doodl3.toml).")
 PointsOption = typer.Option(16, "--points-per-pass", min=1, help="Grid points evaluated in one vectorised forward pass.")
 MinPersistenceOption = typer.Option(None, "--min-persistence", min=0.0, help="Persistence, in loss units, above which a feature is significant (default: 5 x sqrt(2) x the median loss standard error when landscape.h5 stores a loss_stderr grid, else 5% of the median depth, median minus minimum, of the finite losses).")
 SuperlevelOption = typer.Option(False, "--superlevel", help="Also compute superlevel-set persistence (maxima and ridges), reported in loss units.")
@@ -334,7 +374,7 @@ def sample(
         resolution, margin, center, extent, device, points_per_pass, seed=seed, bias=bias, batchnorm=batchnorm,
         recompute_samples=recompute_samples, **_direction_options(directions, runs, axes, directions_file, line),
     )
-    with _reported_errors(), _progress() as progress:
+    with _reported_errors(run), _progress() as progress:
         path = run_sample(_run_folder(run), options, progress=progress("sampling the landscape"))
     typer.echo(f"wrote {path}")
 
@@ -348,7 +388,7 @@ def topology(
     """Compute persistent homology across resolutions, significant minima and basins of each slice into RUN/topology.h5."""
     from doodl3_cli.topology import run_topology
 
-    with _reported_errors():
+    with _reported_errors(run):
         path = run_topology(_run_folder(run), min_persistence=min_persistence, superlevel=superlevel)
     typer.echo(f"wrote {path}")
 
@@ -372,9 +412,11 @@ def dynamics(
     ),
 ) -> None:
     """Compute the gradient flow, Morse graph, Conley indices, diagnostics and findings into RUN/dynamics.h5."""
-    from doodl3_cli.dynamics.stage import run_dynamics
+    from doodl3_cli.dynamics.stage import MAPS, run_dynamics
 
-    with _reported_errors():
+    if map_name not in MAPS:
+        raise typer.BadParameter(f"expected one of {', '.join(MAPS)}, got {map_name!r}", param_hint="--map")
+    with _reported_errors(run):
         path = run_dynamics(
             _run_folder(run), tau=tau, sharpness_checkpoints=sharpness_checkpoints, device=device,
             map_name=map_name, confidence=confidence,
@@ -401,7 +443,7 @@ def report(
     """Write RUN/report.html: one offline page with every figure."""
     from doodl3_cli.report.page import write_report
 
-    with _reported_errors():
+    with _reported_errors(run):
         path = write_report(_run_folder(run), plotly_js=plotly_js.value)
     typer.echo(f"wrote {path}")
 
@@ -439,7 +481,7 @@ def run_command(
     )
     given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"}
     forced = frozenset(_RUN_OPTION_STAGES[name] for name in given if name in _RUN_OPTION_STAGES)
-    with _reported_errors(), _progress() as progress:
+    with _reported_errors(run), _progress() as progress:
         ran = run_pipeline(
             _run_folder(run), options, force=force, force_stages=forced, progress=progress,
             on_stage=lambda stage, path: typer.echo(f"{stage}: wrote {path}"),
@@ -463,7 +505,7 @@ def demo(
 
     options = DemoOptions(seeds=list(range(seeds)), steps=steps, record_every=record_every)
     started = time.monotonic()
-    with _reported_errors(), _progress() as progress:
+    with _reported_errors(run), _progress() as progress:
         folder = prepare_demo_run(run, options, progress=progress("training the ensemble"))
         typer.echo(f"record: wrote {folder.trajectory}")
         run_pipeline(

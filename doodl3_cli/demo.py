@@ -116,14 +116,19 @@ def prepare_demo_run(path: Path, options: DemoOptions, *, progress=None) -> RunF
     Raises
     ------
     RunFolderError
-        When the folder already contains a trajectory.h5, or a doodl3.toml other than
-        the demo's: the demo never overwrites the user's work.
+        When the folder already contains a trajectory.h5, a doodl3.toml other than
+        the demo's, or a folder named doodl3.toml: the demo never overwrites the
+        user's work.
     """
     run = RunFolder(path)
     if run.trajectory.exists():
         raise RunFolderError(
             f"{run.trajectory}: already exists; pass a new folder to `doodl3 demo` or run "
             f"`doodl3 run {run.path}` to reanalyse it"
+        )
+    if run.config_path.is_dir():
+        raise RunFolderError(
+            f"{run.config_path}: is a folder, not a file; pass a new folder to `doodl3 demo`"
         )
     demo_config = DEMO_CONFIG.format(hidden=", ".join(str(h) for h in options.hidden))
     if run.config_path.exists() and run.config_path.read_text(encoding="utf-8", errors="replace") != demo_config:

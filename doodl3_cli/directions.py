@@ -14,7 +14,7 @@ import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
 from doodl3_cli.artifacts.trajectory import Layout
-from doodl3_cli.errors import AnalysisError, ConfigError
+from doodl3_cli.errors import AnalysisError, ConfigError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,13 @@ class PlaneDirections:
     singular_values: np.ndarray
 
 
-def pca_directions(checkpoints: list[np.ndarray], *, column_block: int | None = None) -> PlaneDirections:
+# PCA of fewer checkpoints has no second direction once the mean is removed.
+MIN_PCA_CHECKPOINTS = 3
+
+
+def pca_directions(
+    checkpoints: list[np.ndarray], *, column_block: int | None = None, source: str = "trajectory.h5"
+) -> PlaneDirections:
     """Compute the top two principal directions of all checkpoints jointly.
 
     The checkpoints of every trajectory are treated as one set, so every run lands
@@ -53,17 +59,19 @@ def pca_directions(checkpoints: list[np.ndarray], *, column_block: int | None = 
         Flattened parameters of each trajectory.
     column_block : int, optional
         Parameter columns per block (default: about 32 MiB of float64 per block).
+    source : str, optional
+        The file the checkpoints were read from, named in errors.
 
     Raises
     ------
     AnalysisError
-        When the checkpoints span fewer than two dimensions.
+        When fewer than 3 checkpoints are given or they span fewer than two dimensions.
     """
     total = sum(int(c.shape[0]) for c in checkpoints)
-    if total < 3:
+    if total < MIN_PCA_CHECKPOINTS:
         raise AnalysisError(
-            f"PCA directions need at least 3 recorded checkpoints, trajectory.h5 contains {total}; "
-            "record more checkpoints"
+            f"{source}: PCA directions need at least {MIN_PCA_CHECKPOINTS} recorded checkpoints, found {total}; "
+            "record more checkpoints, or sample with --directions random"
         )
     size = int(checkpoints[0].shape[1])
     block = int(column_block or max(1, (1 << 22) // total))
@@ -84,7 +92,7 @@ def pca_directions(checkpoints: list[np.ndarray], *, column_block: int | None = 
     total_variance = float(eigenvalues.sum())
     if total_variance <= 0 or eigenvalues[1] <= total_variance * 1e-14:
         raise AnalysisError(
-            f"the {total} recorded checkpoints span fewer than two dimensions, so no PCA plane exists; "
+            f"{source}: the {total} recorded checkpoints span fewer than two dimensions, so no PCA plane exists; "
             "record checkpoints from more steps or more runs"
         )
 
@@ -324,26 +332,26 @@ def parse_axis(spec: str, layout: Layout) -> int:
 
     Raises
     ------
-    ConfigError
+    UsageError
         When the tensor is not in the layout or the index is malformed or out of range.
     """
     name, bracket, rest = spec.partition("[")
     entries = {e.name: e for e in layout.entries}
     if name not in entries:
         shown = ", ".join(list(entries)[:6])
-        raise ConfigError(f"--axes {spec!r}: parameter '{name}' not found; the model has {shown}, ...")
+        raise UsageError(f"--axes {spec!r}: parameter '{name}' not found; the model has {shown}, ...")
     entry = entries[name]
     if not bracket:
         index: tuple[int, ...] = ()
     else:
         if not rest.endswith("]"):
-            raise ConfigError(f"--axes {spec!r}: expected NAME[i,j,...], e.g. {name}[{','.join('0' * len(entry.shape))}]")
+            raise UsageError(f"--axes {spec!r}: expected NAME[i,j,...], e.g. {name}[{','.join('0' * len(entry.shape))}]")
         try:
             index = tuple(int(part) for part in rest[:-1].split(",") if part.strip())
         except ValueError as exc:
-            raise ConfigError(f"--axes {spec!r}: indices must be integers") from exc
+            raise UsageError(f"--axes {spec!r}: indices must be integers") from exc
     if len(index) != len(entry.shape) or any(not 0 <= i < s for i, s in zip(index, entry.shape)):
-        raise ConfigError(f"--axes {spec!r}: {name} has shape {list(entry.shape)}; give one in-range index per dimension")
+        raise UsageError(f"--axes {spec!r}: {name} has shape {list(entry.shape)}; give one in-range index per dimension")
     return entry.offset + (int(np.ravel_multi_index(index, entry.shape)) if index else 0)
 
 
@@ -377,7 +385,7 @@ def axis_directions(layout: Layout, *, axes: tuple[str, str] | None = None, fina
 
     Raises
     ------
-    ConfigError
+    UsageError
         When the axes are malformed or identical.
     AnalysisError
         When no axes are given and fewer than two runs are recorded.
@@ -385,7 +393,7 @@ def axis_directions(layout: Layout, *, axes: tuple[str, str] | None = None, fina
     if axes is not None:
         indices = [parse_axis(spec, layout) for spec in axes]
         if indices[0] == indices[1]:
-            raise ConfigError(f"--axes {','.join(axes)}: the two axes are the same parameter; name two different ones")
+            raise UsageError(f"--axes {','.join(axes)}: the two axes are the same parameter; name two different ones")
     else:
         if finals is None or finals.shape[0] < 2:
             raise AnalysisError("choosing axes by spread needs at least two recorded runs; name them with --axes NAME[i],NAME[j]")

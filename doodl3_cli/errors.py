@@ -1,12 +1,29 @@
 """The exception family of doodl3.
 
-Library code raises these; the CLI turns each into one line on stderr and exit code 1.
-Every message names the file, group or option at fault and what to do next.
+Library code raises these, and the CLI turns each into one line on stderr, starting
+with ``error:``, and the exit code in the class's `exit_code`:
+
+- 1 for a failure at run time: a file in the run folder, a checkpoint or
+  doodl3.toml cannot be used, or an analysis cannot run on the data;
+- 2 for a usage error (`UsageError`): an option or argument value is malformed, out
+  of range, or names a trajectory, parameter, device or folder that does not exist.
+  Typer exits 2 as well for the usage errors that it detects itself.
+
+Every message names the file, group or option at fault, what was expected, what was
+found and what to do next.
 """
 
 
 class Doodl3Error(Exception):
     """Base class of every error that doodl3 reports to the user."""
+
+    exit_code = 1
+
+
+class UsageError(Doodl3Error):
+    """An option or argument value is invalid, so the command line must change."""
+
+    exit_code = 2
 
 
 class RunFolderError(Doodl3Error):

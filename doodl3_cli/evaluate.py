@@ -27,30 +27,42 @@ from torch import nn
 from torch.func import functional_call
 
 from doodl3_cli.artifacts.trajectory import Layout
-from doodl3_cli.errors import ConfigError, EvaluationError
+from doodl3_cli.errors import ConfigError, EvaluationError, UsageError
 from doodl3_cli.runfolder import RunConfig, call_factory, resolve_factory
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, *, config_path: Path | None = None) -> torch.device:
     """Turn "auto", "cpu", "cuda" or "cuda:N" into a torch.device.
+
+    Parameters
+    ----------
+    config_path : Path, optional
+        The doodl3.toml whose ``[evaluation].device`` is `device`; None when it came
+        from ``--device``. Errors name the one it came from.
 
     Raises
     ------
+    UsageError
+        When ``--device`` is invalid or requests CUDA on a machine without it.
     ConfigError
-        When the device string is invalid or CUDA is requested but not available.
+        The same, for ``[evaluation].device`` of `config_path`.
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config_path is None:
+        error, where, fix = UsageError, f"--device {device!r}", "--device cpu"
+    else:
+        error, where, fix = ConfigError, f"[evaluation].device = {device!r} in {config_path}", 'device = "cpu" there'
     try:
         resolved = torch.device(device)
     except RuntimeError as exc:
-        raise ConfigError(f"--device {device!r}: invalid device; use auto, cpu, cuda or cuda:N") from exc
+        raise error(f"{where}: invalid device; use auto, cpu, cuda or cuda:N") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
+        raise error(f"{where}: CUDA is not available on this machine; use {fix}")
     if resolved.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device!r}: only cpu and cuda devices are supported")
+        raise error(f"{where}: only cpu and cuda devices are supported; use {fix}")
     return resolved
 
 
@@ -59,12 +71,14 @@ def materialise_data(data: Any, *, source: str) -> tuple[torch.Tensor, torch.Ten
 
     Parameters
     ----------
-    data : tuple of two tensors, or a map-style dataset of (input, target) items
+    data : tuple of two tensors or numpy arrays, or a map-style dataset of (input, target) items
+        Floating-point numpy arrays become float32 tensors, because numpy defaults to
+        float64 where torch models are float32.
     source : str
         Where the data came from, named in errors.
     """
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        inputs, targets = data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in data):
+        inputs, targets = (_numpy_as_tensor(t) if isinstance(t, np.ndarray) else t for t in data)
     elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
         if len(data) == 0:
             raise ConfigError(f"{source}: the dataset is empty")
@@ -73,7 +87,10 @@ def materialise_data(data: Any, *, source: str) -> tuple[torch.Tensor, torch.Ten
             inputs = torch.stack([torch.as_tensor(x) for x, _ in items])
             targets = torch.stack([torch.as_tensor(y) for _, y in items])
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise ConfigError(f"{source}: dataset items must be (input, target) pairs of tensors ({exc})") from exc
+            raise ConfigError(
+                f"{source}: the factory must return (inputs, targets) tensors or arrays, or a dataset of "
+                f"(input, target) pairs, but indexing its {type(data).__name__} result failed ({exc})"
+            ) from exc
     else:
         raise ConfigError(
             f"{source}: returned {type(data).__name__}; return (inputs, targets) tensors or a map-style dataset"
@@ -83,6 +100,12 @@ def materialise_data(data: Any, *, source: str) -> tuple[torch.Tensor, torch.Ten
             f"{source}: inputs and targets must have the same non-zero length, got {inputs.shape[0]} and {targets.shape[0]}"
         )
     return inputs, targets
+
+
+def _numpy_as_tensor(array: np.ndarray) -> torch.Tensor:
+    if np.issubdtype(array.dtype, np.floating):
+        return torch.as_tensor(array, dtype=torch.float32)
+    return torch.as_tensor(array)
 
 
 @dataclass
@@ -122,7 +145,8 @@ def build_setup(
         _check_recorded_layout(model, config, recorded)
     inputs, targets = materialise_data(call_factory(config.data, base=base), source=f"[data] in {config.path}")
     loss_fn = functools.partial(resolve_factory(config.loss, base=base), **config.loss.kwargs)
-    resolved = resolve_device(device or config.device)
+    from_config = device is None or device == config.device
+    resolved = resolve_device(device or config.device, config_path=config.path if from_config else None)
     return EvaluationSetup(model.to(resolved).eval(), inputs.to(resolved), targets.to(resolved), loss_fn, config.batch_size, resolved)
 
 
@@ -254,6 +278,8 @@ class Evaluator:
         self._groups = [_split(stop - start, group_size) for start, stop in self._batches]
         self._plane_cache: dict | None = None
         self._group_matrices: dict = {}
+        sizes = [stop - start for groups in self._groups for start, stop in groups]
+        self._group_weights = torch.tensor(sizes, dtype=torch.float64) / setup.inputs.shape[0]
         targets = setup.targets
         self._sample_losses = (
             plain_cross_entropy(setup.loss_fn) and targets.ndim == 1 and not targets.is_floating_point()
@@ -440,8 +466,6 @@ class Evaluator:
         inputs, targets = self.setup.inputs, self.setup.targets
         n = inputs.shape[0]
         device = inputs.device
-        sizes = [stop - start for groups in self._groups for start, stop in groups]
-        weights = torch.tensor(sizes, dtype=torch.float64, device=device) / n
         group_losses = []
         correct = torch.zeros(k, dtype=torch.float64, device=device)
         buffers = self._point_buffers(params, k)
@@ -453,45 +477,56 @@ class Evaluator:
                 outputs = self._forward_plane(params, first_layer, b)
             else:
                 outputs = self._forward(params, buffers, x)
-            group_losses += self._group_losses(outputs, y, self._groups[b])
             if self._is_classifier is None:
                 self._is_classifier = outputs.ndim == 3 and not y.is_floating_point() and y.ndim == 1
+            losses, predicted = self._batch_losses(outputs, y, self._groups[b])
+            group_losses.append(losses)
             if self._is_classifier:
-                # max().indices returns the first maximum like argmax, and is several times faster on CPU.
-                correct += (outputs.max(dim=-1).indices == y).sum(dim=-1).to(torch.float64)
+                correct += (predicted == y).sum(dim=-1).to(torch.float64)
 
-        losses = torch.stack(group_losses, dim=1).to(torch.float64).reshape(k, -1)
+        losses = torch.cat(group_losses, dim=1)
+        weights = self._group_weights.to(device)
         return Evaluation(
             loss=(losses @ weights).cpu().numpy(),
             loss_stderr=batch_stderr(losses, weights).cpu().numpy(),
             accuracy=(correct / n).cpu().numpy() if self._is_classifier else None,
         )
 
-    def _group_losses(self, outputs: torch.Tensor, y: torch.Tensor, groups: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Return the mean loss of every group of one batch, each a float64 Tensor of shape (K,).
+    def _batch_losses(
+        self, outputs: torch.Tensor, y: torch.Tensor, groups: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return the mean loss of every group of one batch and, for classifiers, the predicted classes.
 
         Plain cross-entropy is computed per sample and averaged in float64. Any
         other loss gets groups of equal size through one vectorised call, with
         points and groups flattened into one batch dimension; a shorter last
         group gets its own.
-        """
-        k = outputs.shape[0]
-        if self._sample_losses and outputs.ndim == 3:
-            means = sample_cross_entropy(outputs, y).to(torch.float64) @ self._group_matrix(groups, outputs.device)
-            return list(means.unbind(dim=1))
 
+        Returns
+        -------
+        losses : Tensor of shape (K, G), float64
+        predicted : Tensor of shape (K, n), int64, or None
+            The class with the largest output, the first one on ties, as ``argmax``
+            returns it. None unless the model is a classifier.
+        """
+        if self._sample_losses and outputs.ndim == 3:
+            per_sample, predicted = sample_cross_entropy(outputs, y)
+            return per_sample.to(torch.float64) @ self._group_matrix(groups, outputs.device), predicted
+
+        k = outputs.shape[0]
         size = groups[0][1] - groups[0][0]
         full = [g for g in groups if g[1] - g[0] == size]
         rest = groups[len(full):]
         stop = len(full) * size
         stacked = outputs[:, :stop].reshape(k * len(full), size, *outputs.shape[2:])
         targets = y[:stop].reshape(len(full), size, *y.shape[1:]).repeat(k, *([1] * y.ndim))
-        losses = self._vmapped_loss(stacked, targets).reshape(k, len(full))
-        out = [losses[:, g] for g in range(len(full))]
+        losses = [self._vmapped_loss(stacked, targets).reshape(k, len(full))]
         for start, end in rest:
             part = outputs[:, start:end]
-            out.append(self._vmapped_loss(part, y[start:end].expand(k, *y[start:end].shape)).reshape(k))
-        return out
+            losses.append(self._vmapped_loss(part, y[start:end].expand(k, *y[start:end].shape)).reshape(k, 1))
+        # max().indices returns the first maximum like argmax, and is several times faster on CPU.
+        predicted = outputs.max(dim=-1).indices if self._is_classifier else None
+        return torch.cat(losses, dim=1).to(torch.float64), predicted
 
     def _group_matrix(self, groups: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
         """Return the float64 (n, G) matrix that maps per-sample losses of one batch to group means."""
@@ -695,11 +730,12 @@ def plain_cross_entropy(loss_fn: Callable) -> bool:
     )
 
 
-def sample_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def sample_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every point and sample, the same values as ``F.cross_entropy(reduction="none")``.
 
     Works on any memory layout of `outputs`, including the (K, n, C) view of a
-    (K, C, n) tensor, without the copy that ``F.cross_entropy`` makes of it.
+    (K, C, n) tensor, without the copy that ``F.cross_entropy`` makes of it. The
+    largest logit serves both the log-sum-exp and the predicted class.
 
     Parameters
     ----------
@@ -710,12 +746,14 @@ def sample_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.
 
     Returns
     -------
-    Tensor of shape (K, n), dtype of `outputs`
+    losses : Tensor of shape (K, n), dtype of `outputs`
+    predicted : Tensor of shape (K, n), int64
+        Index of the largest logit, the first one on ties, as ``argmax`` returns it.
     """
-    top = outputs.amax(dim=-1, keepdim=True)
-    log_norm = (outputs - top).exp_().sum(dim=-1).log_() + top.squeeze(-1)
+    top, predicted = outputs.max(dim=-1)
+    log_norm = (outputs - top.unsqueeze(-1)).exp_().sum(dim=-1).log_() + top
     index = targets.reshape(1, -1, 1).expand(outputs.shape[0], -1, 1)
-    return log_norm - outputs.gather(-1, index).squeeze(-1)
+    return log_norm - outputs.gather(-1, index).squeeze(-1), predicted
 
 
 def _split(n: int, size: int) -> list[tuple[int, int]]:

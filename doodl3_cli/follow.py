@@ -25,7 +25,7 @@ from doodl3_cli.checkpoints import (
     read_training_fields,
     step_from_name,
 )
-from doodl3_cli.errors import CheckpointError, RunFolderError
+from doodl3_cli.errors import CheckpointError, RunFolderError, UsageError
 from doodl3_cli.record import ModelLayouts, PlannedCheckpoint, append_checkpoint, resolve_layouts, stored_step
 from doodl3_cli.runfolder import RunFolder
 
@@ -169,13 +169,17 @@ def record_follow(
 
     Raises
     ------
+    UsageError
+        When `source` is missing or is a file.
     RunFolderError
-        When `source` is not a folder.
+        When `source` disappears while it is followed.
     CheckpointError
         When the first checkpoint does not match the model layout.
     """
+    if not source.exists():
+        raise UsageError(f"--from {source}: folder not found; pass the folder the training job saves into")
     if not source.is_dir():
-        raise RunFolderError(f"--from {source}: not a directory; pass the folder the training job saves into")
+        raise UsageError(f"--from {source}: is a file, not a folder; pass the folder the training job saves into")
     run = RunFolder(run_path)
     name = trajectory or source.resolve().name
     watcher = FolderWatcher(source, settle_polls=settle_polls, retries=retries)

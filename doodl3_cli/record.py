@@ -32,7 +32,7 @@ from doodl3_cli.checkpoints import (
     step_from_name,
     tied_aliases,
 )
-from doodl3_cli.errors import CheckpointError, ConfigError, RunFolderError
+from doodl3_cli.errors import CheckpointError, ConfigError, UsageError
 from doodl3_cli.runfolder import RunFolder, call_factory
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,8 @@ class ModelLayouts:
     layout: Layout
     buffer_layout: Layout
     aliases: dict[str, list[str]]
+    reference: str
+    fix: str
 
     @property
     def names(self) -> list[str]:
@@ -151,10 +153,14 @@ class ModelLayouts:
 
     def flatten(self, checkpoint: Checkpoint, path: Path) -> tuple[np.ndarray, np.ndarray]:
         """Return the checkpoint's float32 (parameters [P], buffers [B]); raise CheckpointError on a mismatch."""
-        params = match_layout(checkpoint.state, self.layout, path=path, aliases=self.aliases)
+        params = match_layout(
+            checkpoint.state, self.layout, path=path, aliases=self.aliases, reference=self.reference, fix=self.fix
+        )
         if not self.buffer_layout.entries:
             return params, np.empty(0, np.float32)
-        return params, match_layout(checkpoint.state, self.buffer_layout, path=path, what="buffers")
+        return params, match_layout(
+            checkpoint.state, self.buffer_layout, path=path, what="buffers", reference=self.reference, fix=self.fix
+        )
 
 
 def find_checkpoints(source: Path) -> list[Path]:
@@ -163,8 +169,10 @@ def find_checkpoints(source: Path) -> list[Path]:
     A checkpoint is a file ending in one of `CHECKPOINT_SUFFIXES` or a folder holding
     one model's weights (a Hugging Face ``checkpoint-N/``, a sharded safetensors index).
     """
+    if not source.exists():
+        raise UsageError(f"--from {source}: folder not found; pass the folder that contains the checkpoints")
     if not source.is_dir():
-        raise RunFolderError(f"--from {source}: not a directory; pass the folder that contains the checkpoints")
+        raise UsageError(f"--from {source}: is a file, not a folder; pass the folder that contains the checkpoints")
     if is_checkpoint_folder(source):
         raise CheckpointError(
             f"--from {source}: is one checkpoint folder (it contains a model's weights), not a folder of "
@@ -282,9 +290,15 @@ def resolve_layouts(run: RunFolder, first: Path, *, trust: bool = False) -> Mode
     aliases = tied_aliases(model) if model is not None else {}
     if run.trajectory.is_file():
         layout, buffer_layout = read_layouts(run.trajectory)
-        return ModelLayouts(layout, buffer_layout, aliases)
+        return ModelLayouts(
+            layout, buffer_layout, aliases, f"the layout recorded in {run.trajectory}",
+            "record checkpoints of another architecture into another run folder",
+        )
     if model is not None:
-        return ModelLayouts(*model_layouts(model), aliases)
+        return ModelLayouts(
+            *model_layouts(model), aliases, f"the model in {run.config_path}",
+            "check that [model] builds the architecture that wrote this checkpoint",
+        )
 
     log.info("no doodl3.toml in %s: taking the layout from the first checkpoint %s", run.path, first)
     state = read_checkpoint(first, trust=trust).state
@@ -292,7 +306,11 @@ def resolve_layouts(run: RunFolder, first: Path, *, trust: bool = False) -> Mode
     repeated = {alias for others in aliases.values() for alias in others}
     params = {k: v for k, v in state.items() if v.is_floating_point() and not _is_buffer_name(k) and k not in repeated}
     buffers = {k: v for k, v in state.items() if v.is_floating_point() and _is_buffer_name(k)}
-    return ModelLayouts(Layout.from_tensors(params), Layout.from_tensors(buffers, {n: "buffer" for n in buffers}), aliases)
+    return ModelLayouts(
+        Layout.from_tensors(params), Layout.from_tensors(buffers, {n: "buffer" for n in buffers}), aliases,
+        f"the first checkpoint {first} (the run folder has no doodl3.toml)",
+        "record checkpoints of one architecture per run folder, or add a doodl3.toml whose [model] builds the model",
+    )
 
 
 def _config_model(run: RunFolder) -> nn.Module | None:
@@ -346,6 +364,8 @@ def record_directory(
 
     Raises
     ------
+    UsageError
+        When `source` is missing or is a file.
     CheckpointError
         When a checkpoint cannot be loaded, does not match the layout, or the order is ambiguous.
     """
@@ -392,11 +412,15 @@ def record_subfolders(
 
     Raises
     ------
+    UsageError
+        When `source` is missing or is a file.
     CheckpointError
         When no subfolder contains checkpoints, or as `record_directory`.
     """
+    if not source.exists():
+        raise UsageError(f"--from {source}: folder not found; pass the folder whose subfolders contain the runs")
     if not source.is_dir():
-        raise RunFolderError(f"--from {source}: not a directory; pass the folder whose subfolders hold the runs")
+        raise UsageError(f"--from {source}: is a file, not a folder; pass the folder whose subfolders contain the runs")
     runs = []
     for folder in sorted(source.iterdir(), key=lambda p: natural_key(p.name)):
         if not folder.is_dir() or folder.name.startswith(".") or is_checkpoint_folder(folder):

@@ -12,6 +12,8 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,9 @@ import h5py
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "doodl3.toml"
+
+# The devices that `--device` and [evaluation].device accept.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 STAGE_FILES = {
     "record": "trajectory.h5",
@@ -91,13 +96,14 @@ class RunFolder:
 
     def require_exists(self) -> None:
         """Raise RunFolderError unless the run folder is an existing directory."""
+        quoted = shlex.quote(str(self.path))
         if not self.path.exists():
             raise RunFolderError(
-                f"{self.path}: run folder not found; create it with `doodl3 record {self.path} --from DIR` "
-                f"or `doodl3 demo {self.path}`"
+                f"{self.path}: run folder not found; create it with `doodl3 record {quoted} --from DIR` "
+                f"or `doodl3 demo {quoted}`"
             )
         if not self.path.is_dir():
-            raise RunFolderError(f"{self.path}: not a directory; pass the run folder that contains the artifacts")
+            raise RunFolderError(f"{self.path}: is a file, not a folder; pass the run folder that contains the artifacts")
 
     def load_config(self) -> RunConfig:
         """Parse doodl3.toml.
@@ -105,8 +111,14 @@ class RunFolder:
         Raises
         ------
         ConfigError
-            When the file is missing, is not valid TOML, or lacks a section.
+            When the file is missing or a folder, is not valid TOML, lacks a section,
+            or has an invalid ``[evaluation]`` value.
         """
+        if self.config_path.is_dir():
+            raise ConfigError(
+                f"{self.config_path}: is a folder, not a file; move it away and write doodl3.toml with [model], "
+                "[data] and [loss] factories (see configs/digits-mlp.toml)"
+            )
         if not self.config_path.is_file():
             raise ConfigError(
                 f"{self.config_path}: not found; write it with [model], [data] and [loss] factories "
@@ -116,6 +128,8 @@ class RunFolder:
             raw = tomllib.loads(self.config_path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{self.config_path}: invalid TOML ({exc}); fix the file") from exc
+        except OSError as exc:
+            raise ConfigError(f"{self.config_path}: cannot be read ({exc}); check its permissions") from exc
 
         specs = {}
         for section in ("model", "data", "loss"):
@@ -131,13 +145,19 @@ class RunFolder:
             specs[section] = FactorySpec(section, table["factory"], kwargs)
 
         evaluation = raw.get("evaluation", {})
+        if not isinstance(evaluation, dict):
+            raise ConfigError(f"{self.config_path}: [evaluation] must be a table, got {evaluation!r}")
         batch_size = evaluation.get("batch_size", 2048)
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ConfigError(
                 f"{self.config_path}: [evaluation].batch_size must be a positive integer, got {batch_size!r}"
             )
         device = evaluation.get("device", "auto")
-        return RunConfig(self.config_path, specs["model"], specs["data"], specs["loss"], batch_size, str(device))
+        if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+            raise ConfigError(
+                f"{self.config_path}: [evaluation].device must be auto, cpu, cuda or cuda:N, got {device!r}; fix the file"
+            )
+        return RunConfig(self.config_path, specs["model"], specs["data"], specs["loss"], batch_size, device)
 
     def stale_stages(self) -> list[str]:
         """Return the stages whose artifact must be (re)computed, in pipeline order.

@@ -11,15 +11,21 @@ row-major order). A chunk is always evaluated as a whole by the same code, so th
 value of a cell does not depend on which run, resume or rank computed it. An
 interrupted run therefore resumes with the unfinished chunks and ends with the
 grid of an uninterrupted one, bit for bit, on the same machine and thread count.
+The grid is evaluated into a partial file next to landscape.h5 (see
+`doodl3_cli.artifacts.landscape.partial_path`) that replaces landscape.h5 only
+when it is complete, and the writer lock of landscape.h5 makes a second
+concurrent sample of the run folder fail at once.
 Under ``torchrun`` (WORLD_SIZE > 1) the ranks take turns over the chunks, and
 rank 0 gathers the results and is the only writer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,9 +37,19 @@ import torch.distributed as dist
 from scipy.interpolate import RegularGridInterpolator
 
 from doodl3_cli.artifacts import landscape as art
-from doodl3_cli.artifacts._common import attr_json, atomic_h5, new_content_id, read_content_id, utc_now, write_root_attrs
+from doodl3_cli.artifacts._common import (
+    WriterLock,
+    attr_json,
+    new_content_id,
+    read_content_id,
+    remove_stale_temporaries,
+    temporary_path,
+    utc_now,
+    write_root_attrs,
+)
 from doodl3_cli.artifacts.trajectory import Layout, Trajectory, read_all_trajectories, read_layouts
 from doodl3_cli.directions import (
+    MIN_PCA_CHECKPOINTS,
     axis_directions,
     axis_name,
     endpoint_directions,
@@ -44,7 +60,7 @@ from doodl3_cli.directions import (
     project,
     random_directions,
 )
-from doodl3_cli.errors import AnalysisError, ArtifactError, ConfigError
+from doodl3_cli.errors import AnalysisError, ArtifactError, UsageError
 from doodl3_cli.evaluate import BATCHNORM_POLICIES, EvaluationSetup, Evaluator, build_setup
 from doodl3_cli.runfolder import RunConfig, RunFolder
 
@@ -140,16 +156,16 @@ def _parse_center(spec: str, trajectories: list[Trajectory]) -> tuple[int, int]:
     try:
         index = int(index_text)
     except ValueError as exc:
-        raise AnalysisError(f"--center {spec!r}: the checkpoint index must be an integer, e.g. {name}:-1") from exc
+        raise UsageError(f"--center {spec!r}: the checkpoint index must be an integer, e.g. {name}:-1") from exc
     if not -rows <= index < rows:
-        raise AnalysisError(f"--center {spec!r}: index {index} out of range for {rows} checkpoints")
+        raise UsageError(f"--center {spec!r}: index {index} out of range for {rows} checkpoints")
     return traj_index, index % rows
 
 
 def _trajectory_index(name: str, trajectories: list[Trajectory], *, option: str) -> int:
     names = [t.name for t in trajectories]
     if name not in names:
-        raise AnalysisError(f"{option}: trajectory '{name}' not found; recorded: {', '.join(names)}")
+        raise UsageError(f"{option}: trajectory '{name}' not found; recorded: {', '.join(names)}")
     return names.index(name)
 
 
@@ -272,39 +288,58 @@ def run_sample(
     Raises
     ------
     ArtifactError
-        When trajectory.h5 is missing or contains no checkpoint, or landscape.h5 cannot be written.
+        When trajectory.h5 is missing or contains no checkpoint, landscape.h5 cannot be
+        written, or another process is sampling the same run folder.
     ConfigError
-        When doodl3.toml cannot build the model, data or loss, or an option is invalid.
+        When doodl3.toml cannot build the model, data or loss.
+    UsageError
+        When an option is invalid or names a trajectory that is not recorded.
     AnalysisError
         When the chosen directions do not span a plane.
     """
     _validate(options)
     run.require_exists()
-    layout, buffer_layout = read_layouts(run.trajectory)
-    trajectories = [t for t in read_all_trajectories(run.trajectory) if t.params.shape[0] > 0]
-    if not trajectories:
-        raise ArtifactError(f"{run.trajectory}: contains no checkpoint; run `doodl3 record {run.path} --from DIR` first")
-    config = run.load_config()
     world = _World()
-    setup = build_setup(
-        config, base=run.path, device=world.device(options.device or config.device), recorded=run.trajectory
-    )
-    world.start(setup.device)
-    try:
-        return _sample(run, options, progress, layout, buffer_layout, trajectories, config, setup, world)
-    finally:
-        world.stop()
+    with contextlib.ExitStack() as stack:
+        # Only rank 0 writes, so only rank 0 takes the writer lock.
+        if world.rank == 0:
+            stack.enter_context(WriterLock(run.landscape, writer="sample"))
+        layout, buffer_layout = read_layouts(run.trajectory)
+        trajectories = [t for t in read_all_trajectories(run.trajectory) if t.params.shape[0] > 0]
+        if not trajectories:
+            raise ArtifactError(
+                f"{run.trajectory}: contains no checkpoint; run `doodl3 record {run.path} --from DIR` first"
+            )
+        recorded = sum(t.params.shape[0] for t in trajectories)
+        if options.directions == "pca" and recorded < MIN_PCA_CHECKPOINTS:
+            counts = ", ".join(f"{t.name}: {t.params.shape[0]}" for t in trajectories)
+            raise ArtifactError(
+                f"{run.trajectory}: PCA directions need at least {MIN_PCA_CHECKPOINTS} recorded checkpoints, "
+                f"found {recorded} ({counts}); record more checkpoints, or sample with --directions random"
+            )
+        if options.line is not None:
+            # Checked before the slice is sampled, so that a misspelt name leaves landscape.h5 as it was.
+            _line_ends(options.line, trajectories)
+        config = run.load_config()
+        setup = build_setup(
+            config, base=run.path, device=world.device(options.device or config.device), recorded=run.trajectory
+        )
+        world.start(setup.device)
+        try:
+            return _sample(run, options, progress, layout, buffer_layout, trajectories, config, setup, world)
+        finally:
+            world.stop()
 
 
 def _validate(options: SampleOptions) -> None:
     if options.directions not in DIRECTION_METHODS:
-        raise ConfigError(f"--directions {options.directions!r}: invalid method; use one of {', '.join(DIRECTION_METHODS)}")
+        raise UsageError(f"--directions {options.directions!r}: invalid method; use one of {', '.join(DIRECTION_METHODS)}")
     if options.batchnorm not in BATCHNORM_POLICIES:
-        raise ConfigError(f"--batchnorm {options.batchnorm!r}: invalid policy; use one of {', '.join(BATCHNORM_POLICIES)}")
+        raise UsageError(f"--batchnorm {options.batchnorm!r}: invalid policy; use one of {', '.join(BATCHNORM_POLICIES)}")
     if options.directions == "file" and options.directions_file is None:
-        raise ConfigError("--directions file needs --directions-file PATH (.npy or .h5 of shape (2, P))")
+        raise UsageError("--directions file needs --directions-file PATH (.npy or .h5 of shape (2, P))")
     if options.resolution < 2:
-        raise ConfigError(f"--resolution {options.resolution}: must be at least 2")
+        raise UsageError(f"--resolution {options.resolution}: must be at least 2")
 
 
 def _sample(run, options, progress, layout, buffer_layout, trajectories, config, setup, world) -> Path:
@@ -346,7 +381,8 @@ def _sample(run, options, progress, layout, buffer_layout, trajectories, config,
         return run.landscape
 
     settings = _settings(options, setup)
-    with _open_landscape(run, options.directions, recipe, settings, trajectory_id) as f:
+    partial = art.partial_path(run.landscape)
+    with _open_partial(run, options.directions, recipe, settings, trajectory_id) as f:
         group = f["slices"].get(options.directions)
         if group is None:
             group = art.create_slice(
@@ -368,7 +404,7 @@ def _sample(run, options, progress, layout, buffer_layout, trajectories, config,
             f.flush()
         todo = _unfinished_chunks(group["evaluated"][()])
         if todo.size < -(-group["evaluated"].size // CHUNK_POINTS):
-            log.info("resuming %s: %d of %d grid points already evaluated", run.landscape,
+            log.info("resuming %s: %d of %d grid points already evaluated", partial,
                      int(group["evaluated"][()].sum()), group["evaluated"].size)
         world.broadcast(todo)
         _evaluate_chunks(group, evaluator, plane, alpha, beta, todo, world=world, progress=progress, flush=f.flush)
@@ -378,6 +414,8 @@ def _sample(run, options, progress, layout, buffer_layout, trajectories, config,
             _sample_line(f, options, trajectories, probe_setup=(setup, layout, buffer_layout), recipe=recipe)
         f.attrs["content_id"] = new_content_id()
         f.attrs["created"] = utc_now()
+    os.replace(partial, run.landscape)
+    log.info("wrote %s", run.landscape)
     return run.landscape
 
 
@@ -455,16 +493,16 @@ def _plane(options, trajectories, layout: Layout, final_losses, setup, buffer_la
         plane.normalisation = "as supplied"
         plane.recipe = {"directions_file": str(options.directions_file), "file_sha256": file_digest(options.directions_file)}
     else:
-        raise ConfigError(f"--directions {method!r}: invalid method; use one of {', '.join(DIRECTION_METHODS)}")
+        raise UsageError(f"--directions {method!r}: invalid method; use one of {', '.join(DIRECTION_METHODS)}")
     return plane
 
 
 def _endpoint_plane(options: SampleOptions, trajectories: list[Trajectory], layout: Layout) -> Plane:
     names = list(options.runs) if options.runs else [t.name for t in trajectories[:3]]
     if not 2 <= len(names) <= 3:
-        raise ConfigError(f"--runs {','.join(names)}: endpoint directions need two or three trajectories")
+        raise UsageError(f"--runs {','.join(names)}: endpoint directions need two or three trajectories")
     if len(set(names)) != len(names):
-        raise ConfigError(f"--runs {','.join(names)}: name each trajectory once")
+        raise UsageError(f"--runs {','.join(names)}: name each trajectory once")
     chosen = [trajectories[_trajectory_index(n, trajectories, option="--runs")] for n in names]
     endpoints = np.stack([t.params[-1] for t in chosen]).astype(np.float64)
 
@@ -482,34 +520,61 @@ def _endpoint_plane(options: SampleOptions, trajectories: list[Trajectory], layo
     )
 
 
-def _open_landscape(run: RunFolder, slice_name: str, recipe: dict, settings: dict, trajectory_id: str | None) -> h5py.File:
-    """Open landscape.h5 for resuming when its slice recipe matches, else create a new file.
+def _open_partial(run: RunFolder, slice_name: str, recipe: dict, settings: dict, trajectory_id: str | None) -> h5py.File:
+    """Open the partial landscape file that this recipe is evaluated into.
+
+    The grid is evaluated into ``.landscape.h5.partial`` next to landscape.h5, and
+    landscape.h5 is replaced only when every cell is evaluated, so a killed sample
+    leaves the previous landscape.h5 intact. A partial file whose recipe matches is
+    resumed. Otherwise landscape.h5 is copied into a new partial file when its
+    recipe matches, because it is a finished grid or one that an older doodl3 left
+    unfinished in place. Otherwise an empty partial file replaces any other. The
+    caller holds the writer lock of landscape.h5.
+    """
+    partial = art.partial_path(run.landscape)
+    expected = json.loads(json.dumps(recipe, sort_keys=True))
+    remove_stale_temporaries(run.landscape)
+
+    stored = _stored_recipe(partial, slice_name)
+    if stored == expected:
+        log.info("resuming the grid in %s", partial)
+        return h5py.File(partial, "a")
+    if stored is not None:
+        log.info("%s was sampled with other settings, directions or checkpoints; sampling anew", partial)
+
+    tmp = temporary_path(run.landscape)
+    try:
+        if _stored_recipe(run.landscape, slice_name) == expected:
+            shutil.copyfile(run.landscape, tmp)
+        else:
+            with h5py.File(tmp, "w") as f:
+                write_root_attrs(
+                    f, schema=art.SCHEMA, schema_version=art.SCHEMA_VERSION, settings=settings,
+                    upstream={"trajectory.h5": trajectory_id} if trajectory_id else {},
+                )
+                f.create_group("slices")
+        # Renamed into place, so a kill while it is made leaves no half-made partial file.
+        os.replace(tmp, partial)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return h5py.File(partial, "a")
+
+
+def _stored_recipe(path: Path, slice_name: str) -> dict | None:
+    """Return the recipe of slice `slice_name` in `path`, {} when it has no such slice, or None without a readable file.
 
     A file that cannot be read (for example after a kill while projections were
-    written) is replaced with a warning, because nothing in it can be resumed.
+    written) is logged, because nothing in it can be resumed.
     """
-    path = run.landscape
-    if path.exists():
-        stored = None
-        try:
-            with h5py.File(path, "r", locking=False) as f:
-                slices = f.get("slices", {})
-                stored = attr_json(slices[slice_name], "recipe", {}) if slice_name in slices else {}
-        except (OSError, KeyError) as exc:
-            log.warning("%s cannot be read (%s); sampling anew", path, exc)
-        if stored == json.loads(json.dumps(recipe, sort_keys=True)):
-            return h5py.File(path, "a")
-        if stored is not None:
-            log.info("%s was sampled with other settings, directions or checkpoints; sampling anew", path)
-
-    # Created under a temporary name and renamed, so a kill here leaves no half-made file.
-    with atomic_h5(path) as f:
-        write_root_attrs(
-            f, schema=art.SCHEMA, schema_version=art.SCHEMA_VERSION, settings=settings,
-            upstream={"trajectory.h5": trajectory_id} if trajectory_id else {},
-        )
-        f.create_group("slices")
-    return h5py.File(path, "a")
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            slices = f.get("slices", {})
+            return attr_json(slices[slice_name], "recipe", {}) if slice_name in slices else {}
+    except (OSError, KeyError, ArtifactError) as exc:
+        log.warning("%s cannot be read (%s); it is not resumed", path, exc)
+        return None
 
 
 def _unfinished_chunks(evaluated: np.ndarray) -> np.ndarray:
@@ -578,14 +643,20 @@ def _write_projections(group, evaluator: Evaluator, trajectories, projections, a
         log.warning("%d of %d grid points have a non-finite loss; they stay NaN", nonfinite, loss_grid.size)
 
 
+def _line_ends(line: str, trajectories: list[Trajectory]) -> tuple[int, int]:
+    """Return the indices of the two trajectories that ``--line A:B`` names."""
+    first, sep, second = line.partition(":")
+    if not sep or not first or not second or first == second:
+        raise UsageError(f"--line {line!r}: expected A:B with two different trajectory names")
+    return _trajectory_index(first, trajectories, option="--line"), _trajectory_index(second, trajectories, option="--line")
+
+
 def _sample_line(f: h5py.File, options: SampleOptions, trajectories, *, probe_setup, recipe: dict) -> None:
     """Sample the line between the final states of two runs into /lines/<A>--<B> and store its loss barrier."""
     setup, layout, buffer_layout = probe_setup
-    first, sep, second = options.line.partition(":")
-    if not sep or not first or not second or first == second:
-        raise ConfigError(f"--line {options.line!r}: expected A:B with two different trajectory names")
-    start = trajectories[_trajectory_index(first, trajectories, option="--line")]
-    end = trajectories[_trajectory_index(second, trajectories, option="--line")]
+    start_index, end_index = _line_ends(options.line, trajectories)
+    start, end = trajectories[start_index], trajectories[end_index]
+    first, second = start.name, end.name
     t = line_positions(options.resolution, options.margin)
     name = f"{first}--{second}"
     line_recipe = {

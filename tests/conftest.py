@@ -110,3 +110,13 @@ def write_config() -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory):
+    """A zygote process that forks doodl3 commands (see tests/forked.py), one per test module."""
+    from tests import forked
+
+    process = forked.Zygote(tmp_path_factory.mktemp("zygote"))
+    yield process
+    process.close()

@@ -1,10 +1,11 @@
 import re
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
-from doodl3_cli.cli import app
-from doodl3_cli.errors import RunFolderError
+from doodl3_cli.cli import _reported_errors, _with_run_path, app
+from doodl3_cli.errors import RunFolderError, UsageError
 from doodl3_cli.record import record_directory
 
 runner = CliRunner()
@@ -43,7 +44,7 @@ def test_topology_before_sample(tmp_path):
 
     line = _error_line(result)
     assert line.startswith(f"error: {tmp_path / 'landscape.h5'}: artifact not found")
-    assert "`doodl3 sample RUN`" in line
+    assert f"`doodl3 sample {tmp_path}`" in line
 
 
 def test_sample_factory_not_importable(tmp_path, mlp_checkpoints, write_config):
@@ -68,7 +69,7 @@ def test_record_mismatch(tmp_path, mlp_checkpoints, write_config):
     result = runner.invoke(app, ["record", str(run), "--from", str(folder)])
 
     line = _error_line(result)
-    assert line.startswith(f"error: {folder / 'step-0.pt'}: does not match the model in doodl3.toml")
+    assert line.startswith(f"error: {folder / 'step-0.pt'}: does not match the model in {run / 'doodl3.toml'}")
     assert "'0.weight (8, 64) (model (16, 64))'" in line
     assert "check that [model] builds the architecture" in line
 
@@ -165,3 +166,57 @@ def test_sample_model_differs_from_recording(tmp_path, mlp_checkpoints, write_co
     assert "[model] builds parameters that differ from those recorded" in result.stderr
     assert "0.weight: (8, 64) vs (16, 64)" in result.stderr
     assert not (run / "landscape.h5").exists()
+
+
+def test_reported_errors_keep_typer_exit():
+    with pytest.raises(typer.Exit) as info:
+        with _reported_errors():
+            raise typer.Exit(code=3)
+
+    assert info.value.exit_code == 3
+
+
+def test_reported_errors_usage_exit_code(capsys):
+    with pytest.raises(typer.Exit) as info:
+        with _reported_errors():
+            raise UsageError("--center 'nope': trajectory not found")
+
+    assert info.value.exit_code == 2
+    assert capsys.readouterr().err == "error: --center 'nope': trajectory not found\n"
+
+
+def test_reported_errors_unexpected_one_line(capsys):
+    with pytest.raises(typer.Exit) as info:
+        with _reported_errors():
+            {}["missing key"]
+
+    assert info.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unexpected KeyError: 'missing key'; rerun with `doodl3 --debug ...`")
+    assert err.count("\n") == 1
+
+
+def test_reported_errors_multiline_message_joined(capsys):
+    with pytest.raises(typer.Exit):
+        with _reported_errors():
+            raise RunFolderError("first line\n  second line")
+
+    assert capsys.readouterr().err == "error: first line second line\n"
+
+
+def test_run_placeholder_replaced_quoted(tmp_path):
+    run = tmp_path / "my run"
+
+    message = _with_run_path("x.h5: artifact not found; run `doodl3 sample RUN` first, then `doodl3 record RUN --from DIR`", run)
+
+    assert message == f"x.h5: artifact not found; run `doodl3 sample '{run}'` first, then `doodl3 record '{run}' --from DIR`"
+
+
+def test_library_usage_error_exits_2(tmp_path):
+    missing = tmp_path / "missing"
+
+    result = runner.invoke(app, ["record", str(tmp_path / "run"), "--from", str(missing)])
+
+    assert result.exit_code == 2
+    assert result.stderr == f"error: --from {missing}: folder not found; pass the folder that contains the checkpoints\n"
+    assert not (tmp_path / "run").exists()

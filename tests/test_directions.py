@@ -20,7 +20,7 @@ from doodl3_cli.directions import (
     project,
     random_directions,
 )
-from doodl3_cli.errors import AnalysisError, ConfigError
+from doodl3_cli.errors import AnalysisError, ConfigError, UsageError
 from doodl3_cli.evaluate import EvaluationSetup, Evaluator
 
 
@@ -235,7 +235,7 @@ def test_parse_axis_round_trip():
 def test_parse_axis_rejects_bad_specs(spec, message):
     layout = Layout.from_tensors({"0.weight": np.zeros((4, 8))})
 
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UsageError, match=message):
         parse_axis(spec, layout)
 
 
@@ -254,7 +254,7 @@ def test_axis_directions_pick_largest_spread():
 def test_axis_directions_reject_same_axis():
     layout = Layout.from_tensors({"w": np.zeros((2, 3))})
 
-    with pytest.raises(ConfigError, match="same parameter"):
+    with pytest.raises(UsageError, match="same parameter"):
         axis_directions(layout, axes=("w[0,1]", "w[0,1]"))
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from doodl3_cli import zoo
 from doodl3_cli.checkpoints import flatten_model, model_layouts
-from doodl3_cli.errors import ConfigError
+from doodl3_cli.errors import ConfigError, UsageError
 from doodl3_cli.evaluate import (
     MIN_GROUPS, EvaluationSetup, Evaluator, batch_stderr, materialise_data, plain_cross_entropy, resolve_device,
     sample_cross_entropy,
@@ -114,7 +114,7 @@ def test_materialise_rejects_mismatched_lengths():
 
 
 def test_resolve_device_rejects_unknown():
-    with pytest.raises(ConfigError, match="--device"):
+    with pytest.raises(UsageError, match="--device"):
         resolve_device("tpu")
 
 
@@ -294,8 +294,10 @@ def test_sample_cross_entropy_matches_torch_in_both_layouts():
     targets = torch.randint(0, 10, (300,))
     expected = F.cross_entropy(logits.transpose(1, 2).reshape(-1, 10), targets.repeat(5), reduction="none").reshape(5, 300)
 
-    torch.testing.assert_close(sample_cross_entropy(logits.transpose(1, 2), targets), expected)
-    torch.testing.assert_close(sample_cross_entropy(logits.transpose(1, 2).contiguous(), targets), expected)
+    for outputs in (logits.transpose(1, 2), logits.transpose(1, 2).contiguous()):
+        losses, predicted = sample_cross_entropy(outputs, targets)
+        torch.testing.assert_close(losses, expected)
+        torch.testing.assert_close(predicted, outputs.argmax(dim=-1))
 
 
 @pytest.mark.parametrize(("loss_fn", "plain"), [

@@ -207,7 +207,7 @@ def test_ingest_mismatch_names_file(tmp_path, mlp_checkpoints, write_config):
         record_directory(run, folder)
 
     message = str(info.value)
-    assert message.startswith(f"{folder / 'step-0.pt'}: does not match the model in doodl3.toml")
+    assert message.startswith(f"{folder / 'step-0.pt'}: does not match the model in {run / 'doodl3.toml'}")
     assert "missing parameters ['4.weight', '4.bias', '6.weight', '6.bias', '8.weight'] and 1 more" in message
     assert "'2.weight (10, 8) (model (8, 8))', '2.bias (10,) (model (8,))'" in message
     assert not (run / "trajectory.h5").exists()

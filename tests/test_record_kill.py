@@ -6,6 +6,7 @@ kill costs milliseconds instead of a fresh interpreter start.
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,3 +158,55 @@ def test_peak_memory_flat_in_checkpoint_count(tmp_path, zygote):
     # which leaves room for allocator noise (measured: 0.5 to 2.3 MiB) and still fails
     # at a twentieth of that.
     assert peaks[200] - peaks[10] < 10 * checkpoint_kib, peaks
+
+
+def test_kills_while_adding_trajectories(tmp_path, zygote):
+    """Each new checkpoint folder becomes a new trajectory of one file; kills while adding one lose nothing."""
+    run = tmp_path / "run"
+    path = run / "trajectory.h5"
+    first = _write_checkpoints(tmp_path / "run-00", range(4), 20_000)
+    zygote.start(run, tmp_path / "run-00")
+    assert zygote.wait()[0] == 0
+    _write_checkpoints(tmp_path / "timing", range(4), 20_000)
+    shutil.copytree(run, tmp_path / "timing-run")
+    zygote.start(tmp_path / "timing-run", tmp_path / "timing")
+    status, full_seconds, _ = zygote.wait()
+    assert status == 0
+    expected = {"run-00": first}
+    generator = random.Random(1)
+    killed = 0
+
+    for index in range(1, 60):
+        name = f"run-{index:02d}"
+        expected_rows = _write_checkpoints(tmp_path / name, range(100 * index, 100 * index + 4), 20_000)
+        started = time.monotonic()
+        pid = zygote.start(run, tmp_path / name)
+        # A moment anywhere in the ingest: opening the file, copying it, adding the group, appending.
+        time.sleep(generator.uniform(0, full_seconds))
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        status, _, _ = zygote.wait()
+        assert status in (0, signal.SIGKILL), f"ingest of {name} failed after {time.monotonic() - started:.2f} s"
+
+        names = list_trajectories(path)
+        assert names[: len(expected)] == list(expected)
+        for done, rows in expected.items():
+            np.testing.assert_array_equal(read_trajectory(path, done).params, rows)
+        if name in names:
+            partial = read_trajectory(path, name).params
+            np.testing.assert_array_equal(partial, expected_rows[: len(partial)])
+        killed += status == signal.SIGKILL
+
+        zygote.start(run, tmp_path / name)
+        assert zygote.wait()[0] == 0
+        expected[name] = expected_rows
+        if killed == 12:
+            break
+
+    assert killed == 12
+    assert list_trajectories(path) == list(expected)
+    for name, rows in expected.items():
+        np.testing.assert_array_equal(read_trajectory(path, name).params, rows)
+    assert not list(run.glob(".trajectory.h5.*.tmp"))

@@ -87,6 +87,34 @@ def test_load_config_invalid_toml(tmp_path):
         RunFolder(tmp_path).load_config()
 
 
+@pytest.mark.parametrize(
+    ("evaluation", "message"),
+    [('device = "tpu"', "[evaluation].device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+     ("device = 0", "[evaluation].device must be auto, cpu, cuda or cuda:N, got 0"),
+     ("batch_size = true", "[evaluation].batch_size must be a positive integer, got True")],
+)
+def test_load_config_invalid_evaluation(tmp_path, evaluation, message):
+    (tmp_path / "doodl3.toml").write_text(CONFIG + f"[evaluation]\n{evaluation}\n")
+
+    with pytest.raises(ConfigError) as info:
+        RunFolder(tmp_path).load_config()
+
+    assert str(info.value).startswith(f"{tmp_path / 'doodl3.toml'}: {message}")
+
+
+def test_load_config_accepts_cuda_index(tmp_path):
+    (tmp_path / "doodl3.toml").write_text(CONFIG + '[evaluation]\ndevice = "cuda:1"\n')
+
+    assert RunFolder(tmp_path).load_config().device == "cuda:1"
+
+
+def test_load_config_folder_named_config(tmp_path):
+    (tmp_path / "doodl3.toml").mkdir()
+
+    with pytest.raises(ConfigError, match="doodl3.toml: is a folder, not a file"):
+        RunFolder(tmp_path).load_config()
+
+
 def test_require_exists_names_folder(tmp_path):
     with pytest.raises(RunFolderError, match="run folder not found"):
         RunFolder(tmp_path / "missing").require_exists()

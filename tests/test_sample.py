@@ -2,10 +2,10 @@ import h5py
 import numpy as np
 import pytest
 
-from doodl3_cli.artifacts.landscape import read_slice
+from doodl3_cli.artifacts.landscape import partial_path, read_slice
 from doodl3_cli.artifacts.trajectory import read_all_trajectories
 from doodl3_cli.demo import DemoOptions, prepare_demo_run
-from doodl3_cli.errors import AnalysisError
+from doodl3_cli.errors import UsageError
 from doodl3_cli.runfolder import RunFolder
 from doodl3_cli.sample import SampleOptions, run_sample
 
@@ -85,7 +85,8 @@ def test_sample_resumes_bit_for_bit(recorded, tmp_path):
 
     with pytest.raises(_Interrupt):
         run_sample(interrupted, SampleOptions(resolution=33), progress=stop_after_first_block)
-    with h5py.File(interrupted.landscape, "r") as f:
+    assert not interrupted.landscape.exists()
+    with h5py.File(partial_path(interrupted.landscape), "r") as f:
         partial = f["slices/pca/evaluated"][()]
     assert 0 < partial.sum() < partial.size
 
@@ -114,5 +115,5 @@ def test_sample_explicit_center_and_bad_name(recorded, tmp_path):
     landscape = read_slice(run.landscape)
     assert landscape.attrs["center_trajectory"] == "lr0.3-seed1"
     assert landscape.attrs["center_index"] == 0
-    with pytest.raises(AnalysisError, match="trajectory 'nope' not found"):
+    with pytest.raises(UsageError, match="trajectory 'nope' not found"):
         run_sample(run, SampleOptions(resolution=5, center="nope"))

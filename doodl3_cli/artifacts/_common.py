@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -22,6 +24,8 @@ import numpy as np
 
 from doodl3_cli import __version__
 from doodl3_cli.errors import ArtifactError
+
+log = logging.getLogger(__name__)
 
 STR_DTYPE = h5py.string_dtype(encoding="utf-8")
 
@@ -161,6 +165,12 @@ def open_artifact(
     """
     path = Path(path)
     if not path.is_file():
+        writer = writer_pid(path)
+        if writer is not None:
+            raise ArtifactError(
+                f"{path}: artifact not found, and a process (PID {writer}) is writing it now; "
+                "wait for it to finish and rerun"
+            )
         raise ArtifactError(f"{path}: artifact not found; run `{command}` first")
     try:
         f = _open_for_reading(path, swmr=swmr)
@@ -197,22 +207,192 @@ def read_content_id(path: Path) -> str | None:
         return None
 
 
+def lock_path(path: Path) -> Path:
+    """Return the writer lock sidecar of the artifact at `path`: ``.<name>.lock`` next to it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+def writer_pid(path: Path) -> int | None:
+    """Return the PID of the live process that holds the writer lock of `path`, or None.
+
+    Returns 0 for a holder whose PID cannot be read from the sidecar.
+    """
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else 0
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def writer_active(path: Path) -> bool:
+    """Return whether a live process holds the writer lock of the artifact at `path`."""
+    return writer_pid(path) is not None
+
+
+class WriterLock:
+    """Exclusive writer lock on an artifact, held through ``flock`` on a sidecar file.
+
+    The sidecar ``.<name>.lock`` next to the artifact stores the PID of the holder. The
+    operating system releases a ``flock`` when its process dies, also on SIGKILL, so a
+    stale lock never blocks a rerun. HDF5 drops its own lock once SWMR writing starts,
+    and an artifact written under a temporary name has no open file to lock, which is
+    why doodl3 keeps a lock of its own.
+
+    Parameters
+    ----------
+    path : Path
+        The artifact.
+    writer : str
+        What the holder is called in the message for a second writer in the same process.
+    keep_sidecar : bool
+        Leave the sidecar in place on release. When False it is removed first, and
+        `acquire` checks that the sidecar it locked is still the one at its path, so a
+        writer that locked a removed sidecar retries instead of sharing the lock.
+    """
+
+    def __init__(self, path: Path, *, writer: str = "writer", keep_sidecar: bool = False):
+        self.artifact = Path(path)
+        self.path = lock_path(self.artifact)
+        self.writer = writer
+        self.keep_sidecar = keep_sidecar
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise at once.
+
+        Raises
+        ------
+        ArtifactError
+            When another writer, in this process or another one, holds the lock.
+        """
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise self._held_error(holder) from None
+            if self._still_linked(fd):
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd = fd
+
+    def _still_linked(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _held_error(self, holder: str) -> ArtifactError:
+        if holder == str(os.getpid()):
+            return ArtifactError(
+                f"{self.artifact}: already open for writing in this process; close the other {self.writer} "
+                f"first (one writer per {self.artifact.name})"
+            )
+        return ArtifactError(
+            f"{self.artifact}: already open for writing by another process (PID {holder}, lock "
+            f"{self.path}); wait for it to finish or stop it (one writer per {self.artifact.name})"
+        )
+
+    def release(self) -> None:
+        """Release the lock, removing the sidecar first unless `keep_sidecar` is set."""
+        if self._fd is None:
+            return
+        if not self.keep_sidecar:
+            self.path.unlink(missing_ok=True)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "WriterLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def temporary_path(path: Path) -> Path:
+    """Return a fresh temporary name next to `path`: ``.<name>.<pid>.<random>.tmp``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of writers of `path` that were killed.
+
+    Call it only while holding the writer lock of `path`: every writer creates its
+    temporaries while it holds that lock, so any that remain belong to a dead writer.
+    """
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        log.info("removing %s, left by a writer that was killed", stale)
+        stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def atomic_h5(path: Path) -> Iterator[h5py.File]:
+def atomic_h5(path: Path, *, locked: bool = False) -> Iterator[h5py.File]:
     """Write a whole-file artifact under a temporary name and rename it into place.
 
     A stage killed midway leaves the previous version (or nothing), never a
-    half-written file that a later stage would trust.
+    half-written file that a later stage would trust. The writer lock of `path` is
+    held while the file is written, so a second concurrent writer fails at once.
+
+    Parameters
+    ----------
+    path : Path
+        The artifact.
+    locked : bool
+        The caller already holds the `WriterLock` of `path`.
+
+    Raises
+    ------
+    ArtifactError
+        When another writer holds the lock of `path`.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    lock = None if locked else WriterLock(path)
+    if lock is not None:
+        lock.acquire()
     try:
-        with h5py.File(tmp, "w") as f:
-            yield f
+        remove_stale_temporaries(path)
+        tmp = temporary_path(path)
+        try:
+            with h5py.File(tmp, "w") as f:
+                yield f
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` as UTF-8 under a temporary name next to `path` and rename it into place.
+
+    The caller holds the writer lock of the artifact that `path` belongs to.
+    """
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def named_group(f: h5py.File, kind: str, name: str | None, *, path: Path, rerun: str) -> h5py.Group:

@@ -24,6 +24,8 @@ batchnorm_policy, split, samples, device, dtype, nonfinite_cells, and `recipe`
 Line attributes: start, end (trajectory names), distance, barrier, barrier_t, recipe.
 
 Version 2 added the ``loss_stderr`` grid and ``/lines``; version 1 files stay readable.
+`sample` writes the same layout into a partial file (`partial_path`) and renames it
+to landscape.h5 when the grid is complete.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ from doodl3_cli.artifacts._common import attr_json, attr_str, named_group, open_
 SCHEMA = "doodl3/landscape"
 SCHEMA_VERSION = 2
 COMMAND = "doodl3 sample RUN"
+
+
+def partial_path(path: Path) -> Path:
+    """Return the file that `sample` evaluates into before it renames it to landscape.h5 at `path`.
+
+    It is ``.<name>.partial`` next to `path`, with the layout of landscape.h5.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
 
 
 @dataclass

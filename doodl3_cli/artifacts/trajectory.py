@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import functools
 import glob
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +40,16 @@ import h5py
 import numpy as np
 
 from doodl3_cli.artifacts._common import (
+    WriterLock,
     attr_str,
     check_schema,
     open_artifact,
     read_str_dataset,
+    remove_stale_temporaries,
+    temporary_path,
     write_root_attrs,
     write_str_dataset,
+    writer_active,
 )
 from doodl3_cli.errors import ArtifactError, CheckpointError
 
@@ -193,24 +197,6 @@ def open_trajectory(path: Path) -> Iterator[h5py.File]:
     with f:
         check_schema(f, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND)
         yield f
-
-
-def writer_active(path: Path) -> bool:
-    """Return whether a live process holds the writer lock of trajectory.h5 at `path`."""
-    lock_path = Path(path).with_name(f".{Path(path).name}.lock")
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
 
 
 def read_str_rows(dataset: h5py.Dataset, rows: int) -> list[str]:
@@ -378,14 +364,18 @@ class TrajectoryWriter:
         self.layout = layout
         self.buffer_layout = buffer_layout
         self._file: h5py.File | None = None
-        self._lock = WriterLock(self.path)
+        self._lock = WriterLock(self.path, writer="Recorder or TrajectoryWriter", keep_sidecar=True)
         self._lock.acquire()
         try:
             if not self.path.is_file():
                 self._create(settings or {}, attrs or {}, metric_keys)
             self._file = self._open()
-            self._group = self._prepare_group(attrs or {})
-            self._prepare_metrics(metric_keys)
+            if self._needs_new_objects(attrs or {}, metric_keys):
+                self._file.close()
+                self._file = None
+                self._rewrite(attrs or {}, metric_keys)
+                self._file = self._open()
+            self._group = self._file["trajectories"][self.trajectory]
             self._drop_uncommitted_rows()
             self._file.swmr_mode = True
         except BaseException:
@@ -400,10 +390,8 @@ class TrajectoryWriter:
     def _create(self, settings: dict[str, Any], attrs: dict[str, Any], metric_keys) -> None:
         # A new file is built under a temporary name and renamed into place, so a writer
         # killed while creating it leaves no file rather than a half-written one.
-        # Temporary files of writers killed while creating the file are stale: this writer holds the lock.
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        remove_stale_temporaries(self.path)
+        tmp = temporary_path(self.path)
         try:
             with h5py.File(tmp, "w", libver="latest") as f:
                 write_root_attrs(f, schema=SCHEMA, schema_version=SCHEMA_VERSION, settings=settings, upstream={})
@@ -411,18 +399,17 @@ class TrajectoryWriter:
                 write_layout(f.create_group("buffer_layout"), self.buffer_layout)
                 f.create_group("trajectories")
                 self._file = f
-                self._prepare_group(attrs)
-                self._group = f["trajectories"][self.trajectory]
-                self._prepare_metrics(metric_keys)
+                self._group = self._prepare_group(attrs, metric_keys)
             os.replace(tmp, self.path)
         finally:
             self._file = None
             if tmp.exists():
                 tmp.unlink()
 
-    def _open(self) -> h5py.File:
+    def _open(self, path: Path | None = None) -> h5py.File:
+        path = self.path if path is None else path
         try:
-            f = h5py.File(self.path, "a", libver="latest")
+            f = h5py.File(path, "a", libver="latest")
         except OSError as exc:
             if "already open for write" not in str(exc):
                 raise ArtifactError(
@@ -431,7 +418,7 @@ class TrajectoryWriter:
                 ) from exc
             # This process holds the writer lock, so the writer that marked the file open is gone.
             log.warning("%s: clearing the open-for-write mark left by a writer that was killed", self.path)
-            f = _open_clearing_status_flags(self.path)
+            f = _open_clearing_status_flags(path)
 
         try:
             check_schema(f, schema=SCHEMA, max_version=SCHEMA_VERSION, command=COMMAND)
@@ -448,14 +435,61 @@ class TrajectoryWriter:
             )
         return f
 
-    def _prepare_group(self, attrs: dict[str, Any]) -> h5py.Group:
-        # NOTE: a new trajectory in an existing file is created in place, outside SWMR mode,
-        # so a writer killed during these few metadata writes may damage the file.
+    def _needs_new_objects(self, attrs: dict[str, Any], metric_keys) -> bool:
+        """Return whether the trajectory, one of its metrics or one of its attributes must be written."""
+        runs = self._file["trajectories"]
+        if self.trajectory not in runs:
+            return True
+        group = runs[self.trajectory]
+        if any(key not in group["metrics"] for key in metric_keys):
+            return True
+        for key, value in attrs.items():
+            if key not in group.attrs:
+                return True
+            stored, new = group.attrs[key], _to_attr(value)
+            if type(stored) is not type(new) and not (np.isscalar(stored) and np.isscalar(new)):
+                return True
+            if not np.array_equal(np.asarray(stored), np.asarray(new)):
+                return True
+        return False
+
+    def _rewrite(self, attrs: dict[str, Any], metric_keys) -> None:
+        """Add the trajectory, its new metrics and attributes in a copy of the file, then rename the copy into place.
+
+        HDF5 creates no objects in SWMR mode, and creating them in place outside SWMR
+        mode is not safe against a kill: HDF5 may write a link before the object it
+        names, and a killed writer then leaves a name that cannot be opened. The copy
+        costs one read and one write of the file per new trajectory (or new metric,
+        or changed attribute), and a kill at any moment leaves the previous file.
+        """
+        remove_stale_temporaries(self.path)
+        tmp = temporary_path(self.path)
+        started = time.monotonic()
+        try:
+            shutil.copyfile(self.path, tmp)
+            self._file = self._open(tmp)
+            self._group = self._prepare_group(attrs, metric_keys)
+            self._drop_uncommitted_rows()
+            self._file.close()
+            self._file = None
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            tmp.unlink(missing_ok=True)
+        log.info("%s: added trajectory %r, metrics or attributes through a copy of the file (%.2f s)",
+                 self.path, self.trajectory, time.monotonic() - started)
+
+    def _prepare_group(self, attrs: dict[str, Any], metric_keys) -> h5py.Group:
         runs = self._file["trajectories"]
         if self.trajectory in runs:
             group = runs[self.trajectory]
             for key, value in attrs.items():
                 group.attrs[key] = _to_attr(value)
+            _create_metrics(group, metric_keys)
             return group
 
         group = runs.create_group(self.trajectory)
@@ -480,16 +514,8 @@ class TrajectoryWriter:
         )
         group.create_dataset("source_digest", shape=(0,), maxshape=(None,), dtype=DIGEST_DTYPE, chunks=(256,))
         group.create_group("metrics")
+        _create_metrics(group, metric_keys)
         return group
-
-    def _prepare_metrics(self, keys: list[str] | tuple[str, ...]) -> None:
-        metrics = self._group["metrics"]
-        rows = int(self._group.attrs["rows"])
-        for key in keys:
-            if key not in metrics:
-                metrics.create_dataset(
-                    key, data=np.full(rows, np.nan), maxshape=(None,), dtype=np.float64, chunks=(1024,)
-                )
 
     def _drop_uncommitted_rows(self) -> None:
         # A writer killed inside `append` leaves rows past the committed count. Their string
@@ -595,6 +621,15 @@ class TrajectoryWriter:
         self.close()
 
 
+def _create_metrics(group: h5py.Group, keys) -> None:
+    """Create a float64 dataset under ``metrics/`` for each key it lacks, NaN for the rows already recorded."""
+    metrics = group["metrics"]
+    rows = int(group.attrs["rows"])
+    for key in keys:
+        if key not in metrics:
+            metrics.create_dataset(key, data=np.full(rows, np.nan), maxshape=(None,), dtype=np.float64, chunks=(1024,))
+
+
 def _fit_text(dataset: h5py.Dataset, text: str, what: str) -> str | bytes:
     """Return `text` as the element type of `dataset`: str for variable length, else encoded bytes.
 
@@ -640,56 +675,6 @@ def describe_layout_mismatch(stored: Layout, new: Layout) -> str:
     return "; ".join(parts) or "different order"
 
 
-class WriterLock:
-    """Exclusive writer lock on trajectory.h5, held through ``flock`` on a sidecar file.
-
-    The sidecar ``.<name>.lock`` next to the artifact stores the PID of the holder. The
-    operating system releases a ``flock`` when its process dies, also on SIGKILL, so a
-    stale lock never blocks a rerun. HDF5 drops its own lock once SWMR writing starts,
-    which is why doodl3 keeps one of its own.
-    """
-
-    def __init__(self, path: Path):
-        self.artifact = Path(path)
-        self.path = self.artifact.with_name(f".{self.artifact.name}.lock")
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock or raise at once.
-
-        Raises
-        ------
-        ArtifactError
-            When another writer, in this process or another one, holds the lock.
-        """
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            if holder == str(os.getpid()):
-                raise ArtifactError(
-                    f"{self.artifact}: already open for writing in this process; close the other Recorder "
-                    "or TrajectoryWriter first (one writer per trajectory.h5)"
-                ) from None
-            raise ArtifactError(
-                f"{self.artifact}: already open for writing by another process (PID {holder}, lock "
-                f"{self.path}); wait for it to finish or stop it (one writer per trajectory.h5)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        """Release the lock; the sidecar file stays, because deleting it would race a new writer."""
-        if self._fd is None:
-            return
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
-        self._fd = None
-
-
 def _hdf5_library() -> ctypes.CDLL:
     """Return the HDF5 shared library that h5py has loaded, for calls h5py does not wrap.
 
@@ -728,6 +713,11 @@ def _open_clearing_status_flags(path: Path, *, writable: bool = True) -> h5py.Fi
     Opened for writing, the cleared flags are written back; call it so only while
     holding the `WriterLock`, which proves that no writer is alive. Opened read-only,
     the file is left as it is.
+
+    A writer killed in SWMR mode may also leave data past the end of allocation (EOA)
+    that the superblock records, and HDF5 rejects reads there ("addr overflow"). So the
+    EOA is raised to the file's size, as ``h5clear -s --increment=0`` does. Read-only,
+    that changes only HDF5's view of the open file.
     """
     library = _hdf5_library()
     library.H5Pset.argtypes = [ctypes.c_int64, ctypes.c_char_p, ctypes.c_void_p]
@@ -750,4 +740,12 @@ def _open_clearing_status_flags(path: Path, *, writable: bool = True) -> h5py.Fi
             f"{path}: cannot be opened after clearing the mark of a killed writer ({exc}); "
             "the file may be damaged: move it away and rerun `doodl3 record` to record anew"
         ) from exc
+    library.H5Fincrement_filesize.argtypes = [ctypes.c_int64, ctypes.c_uint64]
+    library.H5Fincrement_filesize.restype = ctypes.c_int
+    if library.H5Fincrement_filesize(file_id.id, 0) < 0:
+        file_id.close()
+        raise ArtifactError(
+            f"{path}: HDF5 rejected the request to extend the end of allocation past the data of a killed "
+            "writer; run `h5clear -s --increment=0` on it (HDF5 tools) and rerun"
+        )
     return h5py.File(file_id)

@@ -24,7 +24,7 @@ import numpy as np
 from doodl3_cli.artifacts import dynamics as dynamics_artifact
 from doodl3_cli.artifacts import landscape as landscape_artifact
 from doodl3_cli.artifacts import trajectory as trajectory_artifact
-from doodl3_cli.artifacts._common import atomic_h5, read_content_id, write_root_attrs
+from doodl3_cli.artifacts._common import WriterLock, atomic_h5, read_content_id, write_root_attrs
 from doodl3_cli.artifacts.dynamics import SliceDynamics
 from doodl3_cli.artifacts.landscape import LandscapeSlice
 from doodl3_cli.dynamics.flow import MAX_STEP_CELLS, TAU_CONTRACTION, choose_tau, gradient_field, time_tau_map
@@ -117,41 +117,46 @@ def run_dynamics(
         "sharpness_checkpoints": sharpness_checkpoints,
     }
 
-    trajectories = trajectory_artifact.read_all_trajectories(run.trajectory)
-    layout, _ = trajectory_artifact.read_layouts(run.trajectory)
-    ensemble = diagnose_ensemble(
-        trajectories, layout, _evaluation_setup(run, device), sharpness_checkpoints=sharpness_checkpoints
-    )
-    final_loss = {d.name: float(d.loss[-1]) if len(d.loss) else float("nan") for d in ensemble.trajectories}
-
-    with atomic_h5(run.dynamics) as f:
-        write_root_attrs(
-            f,
-            schema=dynamics_artifact.SCHEMA,
-            schema_version=dynamics_artifact.SCHEMA_VERSION,
-            settings=settings,
-            upstream=upstream,
+    # The lock is held from the start, so a second dynamics on this run fails at once.
+    with WriterLock(run.dynamics, writer="dynamics run"):
+        trajectories = trajectory_artifact.read_all_trajectories(run.trajectory)
+        layout, _ = trajectory_artifact.read_layouts(run.trajectory)
+        ensemble = diagnose_ensemble(
+            trajectories, layout, _evaluation_setup(run, device), sharpness_checkpoints=sharpness_checkpoints
         )
-        for name in slice_names:
-            landscape_slice = landscape_artifact.read_slice(run.landscape, name, with_vectors=False)
-            result = analyse_slice(
-                landscape_slice, tau=tau, map_name=map_name, confidence=confidence, trajectories=trajectory_names
-            )
-            result.ensemble = slice_ensemble(
-                {run_name: result.placements[run_name] for run_name in trajectory_names if run_name in result.placements},
-                final_loss,
-            )
-            split = split_finding(name, result.ensemble, final_loss)
-            if split is not None:
-                ensemble.findings.append(split)
-            dynamics_artifact.write_slice(f, result)
+        final_loss = {d.name: float(d.loss[-1]) if len(d.loss) else float("nan") for d in ensemble.trajectories}
 
-        for diagnostics in ensemble.trajectories:
-            dynamics_artifact.write_trajectory(f, diagnostics)
-        dynamics_artifact.write_ensemble(f, ensemble)
-        for finding in ensemble.findings:
-            log.info("finding: %s (%s) in %s at steps %s", finding.kind, finding.severity, ", ".join(finding.runs),
-                     finding.steps)
+        with atomic_h5(run.dynamics, locked=True) as f:
+            write_root_attrs(
+                f,
+                schema=dynamics_artifact.SCHEMA,
+                schema_version=dynamics_artifact.SCHEMA_VERSION,
+                settings=settings,
+                upstream=upstream,
+            )
+            for name in slice_names:
+                landscape_slice = landscape_artifact.read_slice(run.landscape, name, with_vectors=False)
+                try:
+                    result = analyse_slice(
+                        landscape_slice, tau=tau, map_name=map_name, confidence=confidence, trajectories=trajectory_names
+                    )
+                except AnalysisError as exc:
+                    raise AnalysisError(f"{run.landscape}: {exc}") from exc
+                result.ensemble = slice_ensemble(
+                    {run_name: result.placements[run_name] for run_name in trajectory_names if run_name in result.placements},
+                    final_loss,
+                )
+                split = split_finding(name, result.ensemble, final_loss)
+                if split is not None:
+                    ensemble.findings.append(split)
+                dynamics_artifact.write_slice(f, result)
+
+            for diagnostics in ensemble.trajectories:
+                dynamics_artifact.write_trajectory(f, diagnostics)
+            dynamics_artifact.write_ensemble(f, ensemble)
+            for finding in ensemble.findings:
+                log.info("finding: %s (%s) in %s at steps %s", finding.kind, finding.severity, ", ".join(finding.runs),
+                         finding.steps)
 
     log.info("wrote %s (%d slices, %d trajectories)", run.dynamics, len(slice_names), len(trajectory_names))
     return run.dynamics

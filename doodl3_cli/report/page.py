@@ -13,7 +13,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import numpy as np
 import plotly.offline
 
 from doodl3_cli import __version__
-from doodl3_cli.artifacts._common import read_content_id, utc_now
+from doodl3_cli.artifacts._common import WriterLock, atomic_write_text, read_content_id, remove_stale_temporaries, utc_now
 from doodl3_cli.artifacts.dynamics import SliceDynamics
 from doodl3_cli.artifacts.landscape import LandscapeSlice
 from doodl3_cli.artifacts.topology import SliceTopology
@@ -56,7 +55,9 @@ def write_report(run: RunFolder, *, plotly_js: str = "inline") -> Path:
     """Write ``RUN/report.html`` from the artifacts of the run folder.
 
     The page is written under a temporary name in the run folder and renamed into
-    place, so a reader never sees a half-written report.
+    place, so a reader never sees a half-written report. The writer lock of
+    report.html is held while the page is built and written, so a second
+    concurrent report of the same run folder fails at once.
 
     Parameters
     ----------
@@ -80,13 +81,27 @@ def write_report(run: RunFolder, *, plotly_js: str = "inline") -> Path:
     RunFolderError
         When the run folder does not exist.
     ArtifactError
-        When trajectory.h5 is missing, unreadable or contains no trajectory.
+        When trajectory.h5 is missing, unreadable or contains no trajectory, or
+        another process is writing report.html.
     """
     if plotly_js not in PLOTLY_JS_MODES:
         raise Doodl3Error(
             f"--plotly-js: expected one of {', '.join(PLOTLY_JS_MODES)}, got {plotly_js!r}; "
             "use inline for one self-contained page"
         )
+    run.require_exists()
+    with WriterLock(run.report, writer="report"):
+        page = _render_report(run, plotly_js)
+        remove_stale_temporaries(run.report)
+        remove_stale_temporaries(run.path / PLOTLY_FILE)
+        if plotly_js == "beside":
+            atomic_write_text(run.path / PLOTLY_FILE, plotly.offline.get_plotlyjs())
+        atomic_write_text(run.report, page)
+    log.info("wrote %s (%.1f MiB)", run.report, run.report.stat().st_size / 2**20)
+    return run.report
+
+
+def _render_report(run: RunFolder, plotly_js: str) -> str:
     content = read_run_content(run)
     sections = [
         summary_section(content),
@@ -106,7 +121,7 @@ def write_report(run: RunFolder, *, plotly_js: str = "inline") -> Path:
         for stage in content.stale
     ]
     checkpoints = sum(len(t.step) for t in content.trajectories)
-    page = render_page(
+    return render_page(
         title=f"doodl3 report: {run.path.name or run.path}",
         subtitle_lines=[
             f"Run folder {run.path.resolve()}",
@@ -117,21 +132,6 @@ def write_report(run: RunFolder, *, plotly_js: str = "inline") -> Path:
         sections=sections,
         plotly_js=plotly_js,
     )
-    if plotly_js == "beside":
-        _write_atomically(run.path / PLOTLY_FILE, plotly.offline.get_plotlyjs())
-    _write_atomically(run.report, page)
-    log.info("wrote %s (%.1f MiB)", run.report, run.report.stat().st_size / 2**20)
-    return run.report
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def _slug(text: str) -> str:

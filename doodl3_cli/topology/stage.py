@@ -9,7 +9,7 @@ import numpy as np
 
 from doodl3_cli.artifacts import landscape as landscape_artifact
 from doodl3_cli.artifacts import topology as topology_artifact
-from doodl3_cli.artifacts._common import atomic_h5, read_content_id, write_root_attrs
+from doodl3_cli.artifacts._common import WriterLock, atomic_h5, read_content_id, write_root_attrs
 from doodl3_cli.artifacts.topology import Minima, PersistencePairs, SliceTopology, Superlevel
 from doodl3_cli.errors import AnalysisError, ArtifactError
 from doodl3_cli.runfolder import RunFolder
@@ -190,7 +190,9 @@ def run_topology(run: RunFolder, *, min_persistence: float | None = None, superl
     """Analyse every slice of landscape.h5 and write topology.h5.
 
     topology.h5 is written under a temporary name and renamed into place, so an
-    interrupted run leaves the previous file untouched.
+    interrupted run leaves the previous file untouched. The writer lock of
+    topology.h5 is held from the first slice on, so a second concurrent run fails
+    at once.
 
     Parameters
     ----------
@@ -212,7 +214,8 @@ def run_topology(run: RunFolder, *, min_persistence: float | None = None, superl
     ------
     ArtifactError
         When landscape.h5 is missing, unreadable, of another schema, contains no
-        slice, or a slice has no loss grid.
+        slice, or a slice has no loss grid; or when another process is writing
+        topology.h5.
     AnalysisError
         When a slice cannot be analysed (no finite cell, invalid `min_persistence`
         or standard error grid).
@@ -227,6 +230,32 @@ def run_topology(run: RunFolder, *, min_persistence: float | None = None, superl
             f"`{landscape_artifact.COMMAND}`"
         )
 
+    with WriterLock(run.topology, writer="topology run"):
+        results = _analyse_slices(run, names, min_persistence=min_persistence, superlevel=superlevel)
+        settings = {
+            "min_persistence": min_persistence,
+            "threshold_fraction": THRESHOLD_FRACTION,
+            "noise_multiple": NOISE_MULTIPLE,
+            "superlevel": superlevel,
+        }
+        with atomic_h5(run.topology, locked=True) as f:
+            write_root_attrs(
+                f,
+                schema=topology_artifact.SCHEMA,
+                schema_version=topology_artifact.SCHEMA_VERSION,
+                settings=settings,
+                upstream={"landscape.h5": upstream_id},
+            )
+            for topology in results:
+                topology_artifact.write_slice(f, topology)
+
+    log.info("wrote %s (%d slices)", run.topology, len(results))
+    return run.topology
+
+
+def _analyse_slices(
+    run: RunFolder, names: list[str], *, min_persistence: float | None, superlevel: bool
+) -> list[SliceTopology]:
     results = []
     for name in names:
         landscape_slice = landscape_artifact.read_slice(run.landscape, name, with_vectors=False)
@@ -248,26 +277,7 @@ def run_topology(run: RunFolder, *, min_persistence: float | None = None, superl
 
         _log_slice(topology)
         results.append(topology)
-
-    settings = {
-        "min_persistence": min_persistence,
-        "threshold_fraction": THRESHOLD_FRACTION,
-        "noise_multiple": NOISE_MULTIPLE,
-        "superlevel": superlevel,
-    }
-    with atomic_h5(run.topology) as f:
-        write_root_attrs(
-            f,
-            schema=topology_artifact.SCHEMA,
-            schema_version=topology_artifact.SCHEMA_VERSION,
-            settings=settings,
-            upstream={"landscape.h5": upstream_id},
-        )
-        for topology in results:
-            topology_artifact.write_slice(f, topology)
-
-    log.info("wrote %s (%d slices)", run.topology, len(results))
-    return run.topology
+    return results
 
 
 def _log_slice(topology: SliceTopology) -> None:
