@@ -1,7 +1,7 @@
 """The training diagnostics figure: loss, speed, update cosine and sharpness of every run over its steps.
 
-Segments that the dynamics stage flagged (oscillation, plateau, divergence) are
-shaded across every panel, and the top Hessian eigenvalue is drawn against
+Segments that the dynamics stage flagged (oscillation, loss instability, plateau,
+divergence) are shaded across every panel, and the top Hessian eigenvalue is drawn against
 ``2 / learning rate``, the largest curvature along which gradient descent with
 that step size is stable.
 """
@@ -33,7 +33,12 @@ from doodl3_cli.report.figures import (
 MAX_SHADED_SEGMENTS = 40
 MAX_STABILITY_LINES = 8
 # Colour of the shading of each kind of flagged segment, and its name for the figure's note.
-SEGMENT_KINDS = {"oscillation": ("#d62728", "red"), "plateau": ("#7f7f7f", "grey"), "divergence": ("#9467bd", "purple")}
+SEGMENT_KINDS = {
+    "oscillation": ("#d62728", "red"),
+    "loss_instability": ("#ff7f0e", "orange"),
+    "plateau": ("#7f7f7f", "grey"),
+    "divergence": ("#9467bd", "purple"),
+}
 
 
 def training_diagnostics(
@@ -57,8 +62,8 @@ def training_diagnostics(
         when any run has a ``sharpness`` array. Without it the figure has the loss
         panel only.
     findings : sequence of Finding
-        Findings of dynamics.h5; those of kind oscillation, plateau or divergence
-        shade their steps (at most `MAX_SHADED_SEGMENTS`, first in the given order).
+        Findings of dynamics.h5; those of kind oscillation, loss_instability, plateau
+        or divergence shade their steps (at most `MAX_SHADED_SEGMENTS`, first in the given order).
     max_trajectories : int
         Maximum number of run groups; each group has one trace per panel.
     """
@@ -189,17 +194,19 @@ def _shade_segments(
             run = diagnostics.get(finding.runs[0]) if finding.runs else None
             x.append(middle)
             y.append(float(np.interp(middle, run.step, run.loss)) if run is not None and len(run.step) else None)
-            text.append(f"<b>{kind}</b> of {', '.join(finding.runs)}, steps {min(finding.steps)} to "
+            text.append(f"<b>{kind.replace('_', ' ')}</b> of {', '.join(finding.runs)}, steps {min(finding.steps)} to "
                         f"{max(finding.steps)}<br>{_evidence_text(finding.evidence)}")
         fig.add_trace(
             go.Scatter(
-                x=x, y=masked(np.array(y, dtype=np.float64)), mode="markers", name=f"flagged: {kind}",
+                x=x, y=masked(np.array(y, dtype=np.float64)), mode="markers", name=f"flagged: {kind.replace('_', ' ')}",
                 marker={"symbol": "triangle-down", "size": 11, "color": color, "line": {"color": "black", "width": 1}},
                 text=text, hovertemplate="%{text}<extra></extra>",
             ),
             row=1, col=1,
         )
-    shaded = [f"{kind} in {name}" for kind, (_, name) in SEGMENT_KINDS.items() if any(f.kind == kind for f in segments)]
+    shaded = [
+        f"{kind.replace('_', ' ')} in {name}" for kind, (_, name) in SEGMENT_KINDS.items() if any(f.kind == kind for f in segments)
+    ]
     notes.append("shaded: steps flagged by the dynamics stage (" + ", ".join(shaded) + ")")
     return notes
 

@@ -77,6 +77,20 @@ def test_flagged_segment_shaded_on_every_panel():
     assert not any(trace.name == "flagged: sharpness" for trace in fig.data)
 
 
+def test_loss_instability_shaded_in_orange():
+    finding = Finding(kind="loss_instability", severity="warning", runs=["fast"], steps=[5, 25],
+                      evidence={"rising_intervals": 7}, suggestion="lower the learning rate")
+
+    fig = _figure(findings=[finding])
+
+    rectangles = [shape for shape in fig.layout.shapes if shape.type == "rect"]
+    marker = next(trace for trace in fig.data if trace.name == "flagged: loss instability")
+    assert {(shape.x0, shape.x1) for shape in rectangles} == {(5, 25)}
+    assert {shape.fillcolor for shape in rectangles} == {"#ff7f0e"}
+    assert "rising intervals 7" in marker.text[0]
+    assert "loss instability in orange" in fig.layout.title.text
+
+
 def test_loss_axis_logarithmic_over_two_decades():
     loss = np.array([100.0, 10.0, 1.0, 0.1, 0.05])
     fig = training_figures.training_diagnostics([_trajectory("run", 0.1, loss)])
