@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import re
-import shlex
 import sys
 import time
 from enum import Enum
@@ -28,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.exceptions import TyperException
 
 from doodl3_cli import __version__
-from doodl3_cli.errors import Doodl3Error
+from doodl3_cli.errors import Doodl3Error, with_run_path
 from doodl3_cli.runfolder import DEVICE_PATTERN, RunFolder
 
 app = typer.Typer(
@@ -93,13 +92,6 @@ def _print_error(message: str) -> None:
         sys.stderr.flush()
 
 
-def _with_run_path(message: str, run: Optional[Path]) -> str:
-    """Replace the placeholder RUN in the commands that a message suggests with the run folder itself."""
-    if run is None:
-        return message
-    return re.sub(r"(`doodl3 [a-z]+ )RUN\b", lambda m: m.group(1) + shlex.quote(str(run)), message)
-
-
 @contextlib.contextmanager
 def _reported_errors(run: Optional[Path] = None) -> Iterator[None]:
     """Turn an error into one line on stderr and its exit code, unless --debug re-raises it.
@@ -118,7 +110,7 @@ def _reported_errors(run: Optional[Path] = None) -> Iterator[None]:
     except Doodl3Error as exc:
         if _State.debug:
             raise
-        _print_error(_with_run_path(str(exc), run))
+        _print_error(with_run_path(str(exc), run))
         raise typer.Exit(code=exc.exit_code) from None
     except Exception as exc:  # a bug in doodl3 or in a library that it calls
         if _State.debug:
@@ -333,7 +325,7 @@ def _positive_or_none(value: Optional[float]) -> Optional[float]:
 
 ResolutionOption = typer.Option(41, "--resolution", min=2, max=4001, help="Grid points per axis of the slice.")
 MarginOption = typer.Option(0.25, "--margin", min=0.0, help="Extent beyond the trajectories, as a fraction of their span.")
-CenterOption = typer.Option(None, "--center", help="Slice center TRAJECTORY or TRAJECTORY:INDEX (default: final state of the lowest-loss run).")
+CenterOption = typer.Option(None, "--center", help="Slice center TRAJECTORY or TRAJECTORY:INDEX, a checkpoint index from 0, or negative from the last (default: final state of the lowest-loss run).")
 ExtentOption = typer.Option(None, "--extent", help="Grid extent ALPHA_MIN,ALPHA_MAX,BETA_MIN,BETA_MAX in slice coordinates.")
 DeviceOption = typer.Option(None, "--device", callback=_device_or_none, help="auto, cpu, cuda or cuda:N (default: [evaluation].device of doodl3.toml).")
 PointsOption = typer.Option(16, "--points-per-pass", min=1, help="Grid points evaluated in one vectorised forward pass.")

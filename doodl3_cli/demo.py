@@ -1,9 +1,9 @@
 """`doodl3 demo`: train a real ensemble on scikit-learn's bundled digits while recording.
 
 The ensemble is a small MLP trained by full-batch gradient descent from several
-seeds at two learning rates: a moderate one that descends smoothly and a high one
-at which the updates oscillate (successive updates point in nearly opposite
-directions). Full-batch descent keeps each run deterministic given its seed.
+seeds at two learning rates: a moderate one that descends with a few early spikes
+and a high one, far above 2 / sharpness, at which the loss rises between many
+recorded checkpoints. Full-batch descent keeps each run deterministic given its seed.
 """
 
 from __future__ import annotations

@@ -13,6 +13,13 @@ Every message names the file, group or option at fault, what was expected, what 
 found and what to do next.
 """
 
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+
 
 class Doodl3Error(Exception):
     """Base class of every error that doodl3 reports to the user."""
@@ -48,3 +55,10 @@ class EvaluationError(Doodl3Error):
 
 class AnalysisError(Doodl3Error):
     """An analysis stage cannot run on the given data."""
+
+
+def with_run_path(message: str, run: Path | None) -> str:
+    """Replace the placeholder RUN in the commands that a message suggests with the run folder itself."""
+    if run is None:
+        return message
+    return re.sub(r"(`doodl3 [a-z]+ )RUN\b", lambda m: m.group(1) + shlex.quote(str(run)), message)

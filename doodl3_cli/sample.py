@@ -40,6 +40,7 @@ from doodl3_cli.artifacts import landscape as art
 from doodl3_cli.artifacts._common import (
     WriterLock,
     attr_json,
+    check_schema,
     new_content_id,
     read_content_id,
     remove_stale_temporaries,
@@ -158,7 +159,10 @@ def _parse_center(spec: str, trajectories: list[Trajectory]) -> tuple[int, int]:
     except ValueError as exc:
         raise UsageError(f"--center {spec!r}: the checkpoint index must be an integer, e.g. {name}:-1") from exc
     if not -rows <= index < rows:
-        raise UsageError(f"--center {spec!r}: index {index} out of range for {rows} checkpoints")
+        raise UsageError(
+            f"--center {spec!r}: index {index} out of range for {rows} checkpoints; "
+            f"use 0 to {rows - 1}, or -1 to -{rows} counted from the last"
+        )
     return traj_index, index % rows
 
 
@@ -564,12 +568,17 @@ def _stored_recipe(path: Path, slice_name: str) -> dict | None:
     """Return the recipe of slice `slice_name` in `path`, {} when it has no such slice, or None without a readable file.
 
     A file that cannot be read (for example after a kill while projections were
-    written) is logged, because nothing in it can be resumed.
+    written), or that is not a landscape of the current schema version, is logged
+    and returns None, because nothing in it can be resumed.
     """
     if not path.exists():
         return None
     try:
         with h5py.File(path, "r", locking=False) as f:
+            version = check_schema(f, schema=art.SCHEMA, max_version=art.SCHEMA_VERSION, command=art.COMMAND)
+            if version != art.SCHEMA_VERSION:
+                log.warning("%s has schema version %d, not %d; it is not resumed", path, version, art.SCHEMA_VERSION)
+                return None
             slices = f.get("slices", {})
             return attr_json(slices[slice_name], "recipe", {}) if slice_name in slices else {}
     except (OSError, KeyError, ArtifactError) as exc:

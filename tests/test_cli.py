@@ -4,7 +4,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from doodl3_cli.cli import _reported_errors, _with_run_path, app
+from doodl3_cli.cli import _reported_errors, app
+from doodl3_cli.errors import with_run_path
 from doodl3_cli.errors import RunFolderError, UsageError
 from doodl3_cli.record import record_directory
 
@@ -207,7 +208,7 @@ def test_reported_errors_multiline_message_joined(capsys):
 def test_run_placeholder_replaced_quoted(tmp_path):
     run = tmp_path / "my run"
 
-    message = _with_run_path("x.h5: artifact not found; run `doodl3 sample RUN` first, then `doodl3 record RUN --from DIR`", run)
+    message = with_run_path("x.h5: artifact not found; run `doodl3 sample RUN` first, then `doodl3 record RUN --from DIR`", run)
 
     assert message == f"x.h5: artifact not found; run `doodl3 sample '{run}'` first, then `doodl3 record '{run}' --from DIR`"
 

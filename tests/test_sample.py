@@ -107,6 +107,20 @@ def test_sample_other_recipe_resamples(recorded, tmp_path):
     assert read_slice(run.landscape).loss.shape == (6, 6)
 
 
+def test_sample_rewrites_newer_schema_landscape(recorded, tmp_path):
+    run = _copy_run(recorded, tmp_path)
+    run_sample(run, SampleOptions(resolution=5))
+    expected = read_slice(run.landscape).loss
+    with h5py.File(run.landscape, "a") as f:
+        f.attrs["schema_version"] = 99
+
+    run_sample(run, SampleOptions(resolution=5))
+
+    with h5py.File(run.landscape, "r") as f:
+        assert int(f.attrs["schema_version"]) == 2
+    assert np.array_equal(read_slice(run.landscape).loss, expected)
+
+
 def test_sample_explicit_center_and_bad_name(recorded, tmp_path):
     run = _copy_run(recorded, tmp_path)
 

@@ -20,8 +20,8 @@ Loss instability
     but it shows as a loss that keeps going up between checkpoints. Descending
     runs rise only at isolated spikes.
 Plateau
-    At least `PLATEAU_MIN_UPDATES` successive updates whose loss decrease per unit
-    of path, ``(loss[t-1] - loss[t]) / step_length[t]``, is below
+    At least `PLATEAU_MIN_UPDATES` successive updates whose loss change per unit
+    of path, ``|loss[t-1] - loss[t]| / step_length[t]``, is below
     `PLATEAU_EFFICIENCY` times the reference rate. The reference rate is the best
     ``(loss[0] - min loss) / path length`` over the ensemble's runs. The loss must
     also stay above ``best + PLATEAU_GAP * (loss[0] - best)``, where best is the
@@ -201,7 +201,8 @@ def find_plateaus(diagnostics: TrajectoryDiagnostics, best_loss: float, referenc
         loss[:-1] - loss[1:], length[1:], out=np.zeros(loss.size - 1), where=length[1:] > 0
     )
     high = loss > best_loss + PLATEAU_GAP * max(loss[0] - best_loss, 0.0)
-    slow = np.nan_to_num(efficiency, nan=np.inf) < PLATEAU_EFFICIENCY * reference_rate
+    # A loss that rises along the path is instability or divergence, not a plateau.
+    slow = np.abs(np.nan_to_num(efficiency, nan=np.inf)) < PLATEAU_EFFICIENCY * reference_rate
     findings = []
     for first, last in segments(slow & high, PLATEAU_MIN_UPDATES):
         findings.append(Finding(
@@ -255,7 +256,7 @@ def find_divergence(diagnostics: TrajectoryDiagnostics) -> list[Finding]:
             runs=[diagnostics.name],
             steps=[int(diagnostics.step[first - 1]), int(diagnostics.step[last])],
             evidence={"loss_start": float(before), "loss_end": float(after), "rise_threshold": DIVERGENCE_RISE},
-            suggestion="the loss rises step after step; lower the learning rate",
+            suggestion="lower the learning rate or clip the gradient norm",
         ))
     return findings
 

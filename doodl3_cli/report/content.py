@@ -22,7 +22,7 @@ from doodl3_cli.artifacts.landscape import LandscapeSlice
 from doodl3_cli.artifacts.topology import SliceTopology
 from doodl3_cli.artifacts.trajectory import Trajectory
 from doodl3_cli.dynamics.trajectories import TrajectoryDiagnostics
-from doodl3_cli.errors import ArtifactError
+from doodl3_cli.errors import ArtifactError, with_run_path
 from doodl3_cli.runfolder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -105,10 +105,17 @@ class RunContent:
     problems: dict[str, str] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)
 
-    def command(self, stage: str) -> str:
-        """Return the command line that writes the artifact of `stage` for this run."""
+    def command(self, stage: str, settings: dict | None = None) -> str:
+        """Return what wrote the artifact of `stage` for this run, from its stored `settings` where they say.
+
+        trajectory.h5 stores the checkpoint folder in ``settings["source"]``, or
+        ``"Recorder"`` when the Python API wrote it during training.
+        """
         if stage == "record":
-            return f"doodl3 record {self.run.path} --from DIR"
+            source = settings.get("source") if isinstance(settings, dict) else None
+            if source == "Recorder":
+                return "doodl3_cli.record.Recorder, during training"
+            return f"doodl3 record {self.run.path} --from {source or 'DIR'}"
         return f"doodl3 {stage} {self.run.path}"
 
 
@@ -190,8 +197,10 @@ def _optional(content: RunContent, stage: str, path: Path, read: Callable[[], T]
     try:
         return read()
     except ArtifactError as exc:
-        log.warning("leaving %s out of the report: %s", path.name, exc)
-        content.problems.setdefault(stage, str(exc))
+        problem = with_run_path(str(exc), content.run.path)
+        if stage not in content.problems:
+            log.warning("leaving %s out of the report: %s", path.name, problem)
+            content.problems[stage] = problem
         return None
 
 

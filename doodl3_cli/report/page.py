@@ -529,7 +529,7 @@ def provenance_section(content: RunContent) -> Section:
     for entry in content.provenance:
         attrs = entry.attrs
         rows = [
-            [Cell("written by"), Cell(content.command(entry.stage))],
+            [Cell("written by"), Cell(content.command(entry.stage, attrs.get("settings")))],
             [Cell("schema"), Cell(f"{attrs['schema']} version {attrs['schema_version']}")],
             [Cell("doodl3 version"), Cell(attrs["doodl3_version"] or "not recorded")],
             [Cell("created"), Cell(attrs["created"] or "not recorded")],

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from doodl3_cli import zoo
 from doodl3_cli.artifacts.trajectory import Layout, read_all_trajectories, read_layouts
 from doodl3_cli.demo import DemoOptions, train_ensemble
-from doodl3_cli.dynamics.diagnostics import find_divergence, find_loss_instability, find_oscillation, segments
+from doodl3_cli.dynamics.diagnostics import (
+    find_divergence, find_loss_instability, find_oscillation, find_plateaus, segments,
+)
 from doodl3_cli.dynamics.ensemble import diagnose_ensemble, learning_rate
 from doodl3_cli.dynamics.hessian import predicted_probabilities, top_hessian_eigenvalue
 from doodl3_cli.dynamics.trajectories import update_diagnostics
@@ -235,3 +237,13 @@ def test_demo_high_lr_flagged_unstable(tmp_path):
 
     assert names == ["lr0.3-seed0", "lr0.3-seed1", "lr1.2-seed0", "lr1.2-seed1"]
     assert flagged == {"lr1.2-seed0", "lr1.2-seed1"}
+
+
+def test_plateau_flat_but_not_rising_loss():
+    # Unit steps along a line; the reference rate is 1 loss unit per unit of path.
+    params = np.arange(8, dtype=np.float64)[:, None] * np.array([[1.0, 0.0]])
+    flat = update_diagnostics("flat", params, np.arange(8), np.full(8, 2.0))
+    rising = update_diagnostics("rising", params, np.arange(8), 2.0 + 0.3 * np.arange(8))
+
+    assert [f.steps for f in find_plateaus(flat, best_loss=0.1, reference_rate=1.0)] == [[0, 7]]
+    assert find_plateaus(rising, best_loss=0.1, reference_rate=1.0) == []

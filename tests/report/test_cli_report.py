@@ -1,5 +1,6 @@
 """`doodl3 report` through the typer app: the --plotly-js option."""
 
+import h5py
 from typer.testing import CliRunner
 
 from doodl3_cli.cli import app
@@ -23,3 +24,16 @@ def test_report_rejects_unknown_plotly_js(run_copy):
     assert result.exit_code == 2
     assert "'cdn' is not one of 'inline', 'beside'" in result.output
     assert not (run_copy.path / PLOTLY_FILE).exists()
+
+
+def test_report_unreadable_landscape_warns_once(run_copy):
+    with h5py.File(run_copy.landscape, "a") as f:
+        f.attrs["schema_version"] = 99
+
+    result = runner.invoke(app, ["report", str(run_copy.path)])
+
+    warnings = [line for line in result.output.splitlines() if "leaving landscape.h5 out of the report" in line]
+    assert result.exit_code == 0, result.output
+    assert len(warnings) == 1, result.output
+    assert f"`doodl3 sample {run_copy.path}`" in warnings[0]
+    assert "RUN" not in warnings[0]

@@ -300,6 +300,9 @@ def test_provenance_lists_every_artifact(analysed_run, analysed_report):
         assert created in provenance
     assert "resolution = 9" in provenance
     assert "(current)" in provenance
+    # The demo records through the Python API, not from a checkpoint folder.
+    assert "doodl3_cli.record.Recorder, during training" in provenance
+    assert "--from DIR" not in provenance
 
 
 def test_plotlyjs_beside_written_once(run_copy):
