@@ -323,13 +323,20 @@ def _positive_or_none(value: Optional[float]) -> Optional[float]:
     return value
 
 
+def _non_negative_or_none(value: Optional[float]) -> Optional[float]:
+    # A callback instead of min=0: click's range check calls NaN "not >= 0", which hides why it is invalid.
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise typer.BadParameter(f"must be a finite number, 0 or more, got {value!r}")
+    return value
+
+
 ResolutionOption = typer.Option(41, "--resolution", min=2, max=4001, help="Grid points per axis of the slice.")
-MarginOption = typer.Option(0.25, "--margin", min=0.0, help="Extent beyond the trajectories, as a fraction of their span.")
+MarginOption = typer.Option(0.25, "--margin", callback=_non_negative_or_none, help="Extent beyond the trajectories, as a fraction of their span.")
 CenterOption = typer.Option(None, "--center", help="Slice center TRAJECTORY or TRAJECTORY:INDEX, a checkpoint index from 0, or negative from the last (default: final state of the lowest-loss run).")
 ExtentOption = typer.Option(None, "--extent", help="Grid extent ALPHA_MIN,ALPHA_MAX,BETA_MIN,BETA_MAX in slice coordinates.")
 DeviceOption = typer.Option(None, "--device", callback=_device_or_none, help="auto, cpu, cuda or cuda:N (default: [evaluation].device of doodl3.toml).")
 PointsOption = typer.Option(16, "--points-per-pass", min=1, help="Grid points evaluated in one vectorised forward pass.")
-MinPersistenceOption = typer.Option(None, "--min-persistence", min=0.0, help="Persistence, in loss units, above which a feature is significant (default: 5 x sqrt(2) x the median loss standard error when landscape.h5 stores a loss_stderr grid, else 5% of the median depth, median minus minimum, of the finite losses).")
+MinPersistenceOption = typer.Option(None, "--min-persistence", callback=_non_negative_or_none, help="Persistence, in loss units, above which a feature is significant (default: 5 x sqrt(2) x the median loss standard error when landscape.h5 stores a loss_stderr grid, else 5% of the median depth, median minus minimum, of the finite losses).")
 SuperlevelOption = typer.Option(False, "--superlevel", help="Also compute superlevel-set persistence (maxima and ridges), reported in loss units.")
 TauOption = typer.Option(None, "--tau", callback=_positive_or_none, help="Time of the gradient-flow map, in slice units squared per loss unit (default: chosen from the curvature at the minima).")
 

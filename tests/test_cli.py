@@ -5,8 +5,7 @@ import typer
 from typer.testing import CliRunner
 
 from doodl3_cli.cli import _reported_errors, app
-from doodl3_cli.errors import with_run_path
-from doodl3_cli.errors import RunFolderError, UsageError
+from doodl3_cli.errors import RunFolderError, UsageError, with_run_path
 from doodl3_cli.record import record_directory
 
 runner = CliRunner()
@@ -221,3 +220,12 @@ def test_library_usage_error_exits_2(tmp_path):
     assert result.exit_code == 2
     assert result.stderr == f"error: --from {missing}: folder not found; pass the folder that contains the checkpoints\n"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("command", "option"), [("sample", "--margin"), ("topology", "--min-persistence")])
+@pytest.mark.parametrize("value", ["nan", "inf", "-0.5"])
+def test_non_negative_options_reject_nan_and_negative(tmp_path, command, option, value):
+    result = runner.invoke(app, [command, str(tmp_path), option, value])
+
+    assert result.exit_code == 2
+    assert f"Invalid value for '{option}': must be a finite number, 0 or more" in result.output
