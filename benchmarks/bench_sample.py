@@ -12,9 +12,9 @@ Usage::
     python benchmarks/bench_sample.py --threads 2 --repeat 3
 
 `loss-landscapes` (PyPI, 3.0.6) is needed only here: ``pip install loss-landscapes==3.0.6``.
-It chooses its own random directions; the benchmark seeds torch before each call,
-rebuilds those directions with the library's helpers and compares its grid with
-float64 losses both at the grid points its documentation describes and at the
+It chooses its own random directions, so the benchmark seeds torch before each call
+and rebuilds those directions with the library's helpers. Its grid is then compared
+with float64 losses at the grid points its documentation describes and at the
 points its loop actually reaches.
 """
 
@@ -138,11 +138,11 @@ def loss_landscapes_engine(model, resolution, x, y, seed: int = 0):
 
 
 def loss_landscapes_directions(model, resolution, seed: int = 0) -> np.ndarray:
-    """The two step vectors that `random_plane` draws under `torch.manual_seed(seed)`, as (2, P) float64.
+    """Rebuild the two step vectors that `random_plane` draws under `torch.manual_seed(seed)`, as (2, P) float64.
 
-    Rebuilt with the library's own helpers in the order `random_plane` calls
-    them (uniform draw, near-orthogonal draw, filter normalisation), then scaled
-    so that one step is |center| / resolution along each direction, as it scales them.
+    The library's own helpers run in the order `random_plane` calls them (uniform
+    draw, near-orthogonal draw, filter normalisation). Each vector is then scaled so
+    that one step is |center| / resolution, as `random_plane` scales them.
     """
     from loss_landscapes.model_interface.model_parameters import orthogonal_to, rand_u_like
     from loss_landscapes.model_interface.model_wrapper import wrap_model

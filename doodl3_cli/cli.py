@@ -332,7 +332,7 @@ def _non_negative_or_none(value: Optional[float]) -> Optional[float]:
 
 ResolutionOption = typer.Option(41, "--resolution", min=2, max=4001, help="Grid points per axis of the slice.")
 MarginOption = typer.Option(0.25, "--margin", callback=_non_negative_or_none, help="Extent beyond the trajectories, as a fraction of their span.")
-CenterOption = typer.Option(None, "--center", help="Slice center TRAJECTORY or TRAJECTORY:INDEX, a checkpoint index from 0, or negative from the last (default: final state of the lowest-loss run).")
+CenterOption = typer.Option(None, "--center", help="Slice center: TRAJECTORY, or TRAJECTORY:INDEX with INDEX counted from 0, or from -1 for the last checkpoint (default: final state of the lowest-loss run).")
 ExtentOption = typer.Option(None, "--extent", help="Grid extent ALPHA_MIN,ALPHA_MAX,BETA_MIN,BETA_MAX in slice coordinates.")
 DeviceOption = typer.Option(None, "--device", callback=_device_or_none, help="auto, cpu, cuda or cuda:N (default: [evaluation].device of doodl3.toml).")
 PointsOption = typer.Option(16, "--points-per-pass", min=1, help="Grid points evaluated in one vectorised forward pass.")

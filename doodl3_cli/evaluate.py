@@ -387,7 +387,7 @@ class Evaluator:
         coefficients = np.asarray(coefficients, dtype=np.float64).reshape(-1, 2)
         first = self._first_linear()
         if first is None or self.batchnorm != "fixed" or not self._vectorised:
-            return self.evaluate((center[None, :] + coefficients @ directions).astype(np.float32))
+            return self.evaluate(_plane_points(center, directions, coefficients))
 
         cache = self._plane_products(first, center, directions)
         parts = []
@@ -405,7 +405,7 @@ class Evaluator:
                 log.warning("the layers after the first cannot be vectorised (%s); evaluating one point at a time",
                             str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 self._vectorised = False
-                return self.evaluate((center[None, :] + coefficients @ directions).astype(np.float32))
+                return self.evaluate(_plane_points(center, directions, coefficients))
         return _concatenate(parts).as_dict()
 
     def _first_linear(self) -> str | None:
@@ -499,8 +499,8 @@ class Evaluator:
 
         Plain cross-entropy is computed per sample and averaged in float64. Any
         other loss gets groups of equal size through one vectorised call, with
-        points and groups flattened into one batch dimension; a shorter last
-        group gets its own.
+        points and groups flattened into one batch dimension, and a shorter last
+        group through a call of its own.
 
         Returns
         -------
@@ -754,6 +754,11 @@ def sample_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[
     log_norm = (outputs - top.unsqueeze(-1)).exp_().sum(dim=-1).log_() + top
     index = targets.reshape(1, -1, 1).expand(outputs.shape[0], -1, 1)
     return log_norm - outputs.gather(-1, index).squeeze(-1), predicted
+
+
+def _plane_points(center: np.ndarray, directions: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+    """Return the float32 points ``center + coefficients @ directions``, of shape (K, P), formed in float64."""
+    return (center[None, :] + coefficients @ directions).astype(np.float32)
 
 
 def _split(n: int, size: int) -> list[tuple[int, int]]:

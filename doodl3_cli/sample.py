@@ -541,7 +541,6 @@ def _open_partial(run: RunFolder, slice_name: str, recipe: dict, settings: dict,
 
     stored = _stored_recipe(partial, slice_name)
     if stored == expected:
-        log.info("resuming the grid in %s", partial)
         return h5py.File(partial, "a")
     if stored is not None:
         log.info("%s was sampled with other settings, directions or checkpoints; sampling anew", partial)

@@ -161,7 +161,7 @@ def test_peak_memory_flat_in_checkpoint_count(tmp_path, zygote):
 
 
 def test_kills_while_adding_trajectories(tmp_path, zygote):
-    """Each new checkpoint folder becomes a new trajectory of one file; kills while adding one lose nothing."""
+    """Add each new checkpoint folder as a new trajectory of one file, so that kills hit the addition. Nothing recorded is lost."""
     run = tmp_path / "run"
     path = run / "trajectory.h5"
     first = _write_checkpoints(tmp_path / "run-00", range(4), 20_000)

@@ -443,24 +443,19 @@ class TrajectoryWriter:
         group = runs[self.trajectory]
         if any(key not in group["metrics"] for key in metric_keys):
             return True
-        for key, value in attrs.items():
-            if key not in group.attrs:
-                return True
-            stored, new = group.attrs[key], _to_attr(value)
-            if type(stored) is not type(new) and not (np.isscalar(stored) and np.isscalar(new)):
-                return True
-            if not np.array_equal(np.asarray(stored), np.asarray(new)):
-                return True
-        return False
+        return any(
+            key not in group.attrs or not np.array_equal(np.asarray(group.attrs[key]), np.asarray(_to_attr(value)))
+            for key, value in attrs.items()
+        )
 
     def _rewrite(self, attrs: dict[str, Any], metric_keys) -> None:
         """Add the trajectory, its new metrics and attributes in a copy of the file, then rename the copy into place.
 
-        HDF5 creates no objects in SWMR mode, and creating them in place outside SWMR
-        mode is not safe against a kill: HDF5 may write a link before the object it
-        names, and a killed writer then leaves a name that cannot be opened. The copy
-        costs one read and one write of the file per new trajectory (or new metric,
-        or changed attribute), and a kill at any moment leaves the previous file.
+        HDF5 creates no objects in SWMR mode. Creating them in place outside SWMR mode
+        is not safe against a kill either, because HDF5 may write a link before the
+        object it names, and a killed writer then leaves a name that cannot be opened.
+        The copy costs one read and one write of the file per new trajectory (or new
+        metric, or changed attribute), and a kill at any moment leaves the previous file.
         """
         remove_stale_temporaries(self.path)
         tmp = temporary_path(self.path)

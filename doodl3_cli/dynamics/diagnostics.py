@@ -57,6 +57,8 @@ INSTABILITY_MIN_INTERVALS = 8
 INSTABILITY_FRACTION = 0.3
 
 SEVERITIES = ("info", "warning", "error")
+# Finding kinds whose steps are the first and last step of a flagged stretch of training.
+SEGMENT_KINDS = ("oscillation", "loss_instability", "plateau", "divergence")
 
 
 @dataclass

@@ -106,7 +106,7 @@ class RunContent:
     stale: list[str] = field(default_factory=list)
 
     def command(self, stage: str, settings: dict | None = None) -> str:
-        """Return what wrote the artifact of `stage` for this run, from its stored `settings` where they say.
+        """Return what wrote the artifact of `stage` for this run, using its stored `settings` when they name a source.
 
         trajectory.h5 stores the checkpoint folder in ``settings["source"]``, or
         ``"Recorder"`` when the Python API wrote it during training.

@@ -11,12 +11,12 @@ from __future__ import annotations
 import html
 from typing import Any, Sequence
 
+from doodl3_cli.dynamics.diagnostics import SEGMENT_KINDS
 from doodl3_cli.report.content import RunContent
 from doodl3_cli.report.figures import format_number
 
 MAX_FINDINGS = 40
 # Kinds whose `steps` are the first and last step of a segment; the others list checkpoint steps.
-SEGMENT_KINDS = ("oscillation", "loss_instability", "plateau", "divergence")
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 

@@ -33,7 +33,7 @@ from doodl3_cli.report.figures import (
 MAX_SHADED_SEGMENTS = 40
 MAX_STABILITY_LINES = 8
 # Colour of the shading of each kind of flagged segment, and its name for the figure's note.
-SEGMENT_KINDS = {
+SEGMENT_COLOURS = {
     "oscillation": ("#d62728", "red"),
     "loss_instability": ("#ff7f0e", "orange"),
     "plateau": ("#7f7f7f", "grey"),
@@ -171,7 +171,7 @@ def _shade_segments(
     fig: go.Figure, findings: Sequence[Any], diagnostics: dict[str, TrajectoryDiagnostics], *, rows: int
 ) -> list[str]:
     """Shade the steps of every flagged segment on all panels, with one hover trace per kind; return title notes."""
-    segments = [f for f in findings if getattr(f, "kind", None) in SEGMENT_KINDS and len(getattr(f, "steps", [])) >= 1]
+    segments = [f for f in findings if getattr(f, "kind", None) in SEGMENT_COLOURS and len(getattr(f, "steps", [])) >= 1]
     notes = []
     if not segments:
         return notes
@@ -182,9 +182,9 @@ def _shade_segments(
     for finding in segments:
         first, last = min(finding.steps), max(finding.steps)
         for row in range(1, rows + 1):
-            fig.add_vrect(x0=first, x1=last, fillcolor=SEGMENT_KINDS[finding.kind][0], opacity=0.12, line_width=0,
+            fig.add_vrect(x0=first, x1=last, fillcolor=SEGMENT_COLOURS[finding.kind][0], opacity=0.12, line_width=0,
                           layer="below", row=row, col=1)
-    for kind, (color, _) in SEGMENT_KINDS.items():
+    for kind, (color, _) in SEGMENT_COLOURS.items():
         chosen = [f for f in segments if f.kind == kind]
         if not chosen:
             continue
@@ -205,7 +205,7 @@ def _shade_segments(
             row=1, col=1,
         )
     shaded = [
-        f"{kind.replace('_', ' ')} in {name}" for kind, (_, name) in SEGMENT_KINDS.items() if any(f.kind == kind for f in segments)
+        f"{kind.replace('_', ' ')} in {name}" for kind, (_, name) in SEGMENT_COLOURS.items() if any(f.kind == kind for f in segments)
     ]
     notes.append("shaded: steps flagged by the dynamics stage (" + ", ".join(shaded) + ")")
     return notes

@@ -220,7 +220,7 @@ def test_loss_instability_ignores_short_runs_and_descent():
 
 
 def test_demo_high_lr_flagged_unstable(tmp_path):
-    """The demo's training, two seeds per learning rate: lr 1.2 bounces between checkpoints 5 steps apart, lr 0.3 does not."""
+    """Train the demo with two seeds per learning rate. The lr 1.2 runs bounce between checkpoints 5 steps apart, and the lr 0.3 runs do not."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -240,7 +240,7 @@ def test_demo_high_lr_flagged_unstable(tmp_path):
 
 
 def test_plateau_flat_but_not_rising_loss():
-    # Unit steps along a line; the reference rate is 1 loss unit per unit of path.
+    # Unit steps along a line, with a reference rate of 1 loss unit per unit of path.
     params = np.arange(8, dtype=np.float64)[:, None] * np.array([[1.0, 0.0]])
     flat = update_diagnostics("flat", params, np.arange(8), np.full(8, 2.0))
     rising = update_diagnostics("rising", params, np.arange(8), 2.0 + 0.3 * np.arange(8))

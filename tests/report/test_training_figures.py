@@ -6,9 +6,10 @@ import numpy as np
 import plotly.io as pio
 
 from doodl3_cli.artifacts.trajectory import Trajectory
-from doodl3_cli.dynamics.diagnostics import Finding
+from doodl3_cli.dynamics.diagnostics import SEGMENT_KINDS, Finding
 from doodl3_cli.dynamics.trajectories import TrajectoryDiagnostics
 from doodl3_cli.report import training_figures
+from doodl3_cli.report.training_figures import SEGMENT_COLOURS
 
 STEPS = np.array([0, 10, 20, 30, 40])
 
@@ -97,3 +98,7 @@ def test_loss_axis_logarithmic_over_two_decades():
 
     assert fig.layout.yaxis.type == "log"
     assert "log loss axis: the losses span 3.3 decades" in fig.layout.title.text
+
+
+def test_every_segment_kind_has_colour():
+    assert list(SEGMENT_COLOURS) == list(SEGMENT_KINDS)
